@@ -1,0 +1,200 @@
+"""The ``medfoundry`` command: a thin typer layer over the Python API.
+
+Errors caused by input (missing files, bad configs, unknown models) print one line and exit 1;
+``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from medfoundry.errors import MedfoundryError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Pre-train, adapt and benchmark medical imaging foundation models.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Get and inspect datasets.")
+models_app = typer.Typer(no_args_is_help=True, help="Backbones and checkpoints.")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+_state = {"debug": False}
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="YAML recipe (see configs/)")]
+OverridesOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="dotted override, e.g. pretrain.epochs=5")]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="more log lines")] = False,
+) -> None:
+    _state["debug"] = debug
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+    )
+
+
+def _experiment_config(config: Path | None, overrides: list[str] | None, output: Path | None):  # noqa: ANN202
+    from medfoundry.config import ExperimentConfig, load_config
+
+    values = list(overrides or [])
+    if output is not None:
+        values.append(f"output_dir={output}")
+    return load_config(ExperimentConfig, config, values)
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    overrides: OverridesOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="output folder")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="ignore finished stages and start over")] = False,
+) -> None:
+    """Run the whole pipeline: pre-train, embed, adapt, baselines, results.json and report.html."""
+    from medfoundry.experiment import run_experiment
+
+    cfg = _experiment_config(config, overrides, output)
+    if fresh and cfg.output_dir.exists():
+        import shutil
+
+        shutil.rmtree(cfg.output_dir)
+    out = run_experiment(cfg, resume=True, echo=lambda line: console.print(line, highlight=False))
+    console.print(f"\n[bold green]Report:[/] {out.report_path.resolve()}")
+    console.print(f"[bold green]Results:[/] {out.results_path.resolve()}")
+    console.print(f"Took {out.durations['total']:.0f} s")
+
+
+@app.command()
+def pretrain(
+    config: ConfigArg = None,
+    overrides: OverridesOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="output folder")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")] = True,
+) -> None:
+    """SSL pre-training only; writes <output>/pretrain/encoder (a checkpoint folder)."""
+    from medfoundry.experiment import load_splits, run_pretraining
+
+    cfg = _experiment_config(config, overrides, output)
+    state = cfg.output_dir / "pretrain" / "state" / "last.pt"
+    if not resume and state.exists():
+        state.unlink()
+    result = run_pretraining(cfg, load_splits(cfg), resume=resume)
+    status = "finished" if result.finished else f"stopped at step {result.steps}/{result.total_steps}"
+    console.print(
+        f"{status}; {result.images_per_second:.1f} img/s; encoder: {result.encoder_dir if result.finished else '-'}"
+    )
+    if result.collapsed:
+        console.print("[yellow]warning: the collapse monitor fired; see log.jsonl[/]")
+
+
+@app.command("embed")
+def embed_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="checkpoint folder, preset or timm name")],
+    data: Annotated[str, typer.Option("--data", "-d", help="dataset spec: file.npz, file.csv, folder, prefix:path")],
+    out: Annotated[Path, typer.Option("--out", help="output HDF5 file")],
+    split: Annotated[str, typer.Option(help="split to embed")] = "test",
+    batch_size: Annotated[int, typer.Option(help="images per batch")] = 128,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers")] = 0,
+    img_size: Annotated[int | None, typer.Option(help="input size for a preset or timm name")] = None,
+) -> None:
+    """Embed one split into HDF5 (features, ids, labels); reused when weights, preprocessing and data match."""
+    from medfoundry.adapt.embed import embed
+    from medfoundry.data.registry import load_dataset
+    from medfoundry.models.checkpoint import load_encoder_or_build
+
+    splits = load_dataset(data)
+    if split not in splits:
+        raise MedfoundryError(f"no split '{split}' (found {sorted(splits)})", data)
+    images = splits[split]
+    encoder = load_encoder_or_build(model, images.num_channels, img_size)
+    result = embed(encoder, images, out, batch_size, num_workers)
+    verb = "reused" if result.reused else f"wrote in {result.seconds:.1f} s"
+    console.print(f"{out}: {result.features.shape[0]} x {result.features.shape[1]} features ({verb})")
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="results.json")],
+    out: Annotated[Path | None, typer.Option("--out", help="report.html (default: beside results.json)")] = None,
+) -> None:
+    """Render report.html from results.json alone."""
+    from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
+    from medfoundry.evaluate.results import read_results
+
+    res = read_results(results)
+    path = render_report(res, out or results.with_name("report.html"))
+    console.print(format_summary_text(summarise_table(res)))
+    console.print(f"Report: {path.resolve()}")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    source: Annotated[str, typer.Argument(help="collection (medmnist)")],
+    name: Annotated[str, typer.Argument(help="dataset name, e.g. breastmnist")],
+    size: Annotated[int, typer.Option(help="28, 64, 128 or 224")] = 28,
+    dest: Annotated[Path, typer.Option(help="download folder")] = Path("data"),
+) -> None:
+    """Download an official dataset file with md5 verification (says so clearly when offline)."""
+    from medfoundry.data.fetch import fetch_medmnist
+
+    if source != "medmnist":
+        raise MedfoundryError(f"unknown collection '{source}'; known: medmnist")
+    path = fetch_medmnist(name, size, dest, progress=True)
+    console.print(f"{path} (md5 verified)")
+
+
+@data_app.command("info")
+def data_info(spec: Annotated[str, typer.Argument(help="dataset spec")]) -> None:
+    """Splits, sizes, channels and label counts of a dataset."""
+    import numpy as np
+
+    from medfoundry.data.registry import load_dataset
+
+    table = Table("split", "images", "shape", "labels")
+    for split, images in load_dataset(spec).items():
+        counts = "-" if images.labels is None or images.labels.ndim != 1 else str(np.bincount(images.labels).tolist())
+        table.add_row(split, str(len(images)), str(tuple(images.load(0).shape)), counts)
+    Console().print(table)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Named backbone presets (any timm model name works too)."""
+    from medfoundry.models.backbones import list_backbones
+
+    table = Table("name", "timm architecture", "description")
+    for row in list_backbones():
+        table.add_row(*row)
+    Console().print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except MedfoundryError as error:
+        if _state["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("interrupted; finished stages and checkpoints are kept, run again to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Typed configs (pydantic), loadable from YAML, with dotted overrides from the command line.
+
+A recipe is a YAML file whose keys mirror these models; ``pretrain.epochs=40`` on the command line
+overrides one value. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medfoundry.errors import MedfoundryError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    """Where images come from (see ``medfoundry.data.registry``)."""
+
+    source: str = Field("data/breastmnist/breastmnist.npz", description="npz / csv / folder, or prefix:path")
+    task: str = Field("breastmnist", description="name used in results and report")
+    pretrain_split: str = Field("train", description="split whose images (not labels) are used for SSL")
+
+
+class ModelConfig(StrictModel):
+    backbone: str = "vit_tiny_28"
+    img_size: int = 28
+    in_chans: int = 1
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    pool: Literal["default", "token+avg"] = "default"
+
+
+class ViewsConfig(StrictModel):
+    """Multi-crop views (lightly's DINOTransform). Defaults suit 1-channel 28 px ultrasound."""
+
+    global_crop_size: int = 28
+    global_crop_scale: tuple[float, float] = (0.3, 1.0)
+    local_crop_size: int = 16
+    local_crop_scale: tuple[float, float] = (0.1, 0.4)
+    n_local_views: int = 4
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.0
+    rotation_degrees: float = 10.0
+    rotation_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.0
+    hue: float = 0.0
+    blur_prob: float = 0.2
+    blur_sigmas: tuple[float, float] = (0.1, 1.0)
+    solarization_prob: float = 0.0
+
+
+class DinoConfig(StrictModel):
+    """DINO with DINOv2's guards against collapse (Sinkhorn-Knopp targets and KoLeo)."""
+
+    out_dim: int = 1024
+    hidden_dim: int = 512
+    bottleneck_dim: int = 128
+    teacher_targets: Literal["sinkhorn", "centering"] = "sinkhorn"
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 5
+    momentum_start: float = 0.99
+    momentum_end: float = 1.0
+    freeze_last_layer_epochs: int = 1
+
+
+class PretrainConfig(StrictModel):
+    method: Literal["dino"] = "dino"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 2
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    bf16: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    checkpoint_every_steps: int = 50
+    log_every_steps: int = 10
+    monitor_every_steps: int = 25
+    stop_on_collapse: bool = False
+    tensorboard: bool = True
+    views: ViewsConfig = ViewsConfig()
+    dino: DinoConfig = DinoConfig()
+
+
+class EmbedConfig(StrictModel):
+    batch_size: int = 128
+    num_workers: int = 0
+
+
+class AdaptConfig(StrictModel):
+    adapters: list[Literal["linear", "knn"]] = ["linear", "knn"]
+    label_fractions: list[float] = [0.01, 0.1, 1.0]
+    seeds: list[int] = [0, 1, 2]
+    min_per_class: int = 2
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_c_grid: list[float] = Field(default_factory=lambda: [10.0**e for e in range(-4, 5)])
+
+
+class SupervisedBaselineConfig(StrictModel):
+    """A network trained from scratch on the same labelled subset (the bar SSL must clear)."""
+
+    enabled: bool = True
+    backbone: str = "resnet18"
+    max_steps: int = 200
+    eval_every_steps: int = 20
+    patience_evals: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+
+
+class EvaluateConfig(StrictModel):
+    metrics: list[str] = ["auroc", "accuracy", "balanced_accuracy"]
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    eval_split: str = "test"
+    val_split: str = "val"
+
+
+class ExperimentConfig(StrictModel):
+    """The whole spine: SSL pre-training, embeddings, adapters, baselines, results and report."""
+
+    name: str = "experiment"
+    output_dir: Path = Path("runs/experiment")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    embed: EmbedConfig = EmbedConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    supervised_baseline: SupervisedBaselineConfig = SupervisedBaselineConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    random_init_baseline: bool = True
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, lists, booleans)."""
+    for override in overrides:
+        if "=" not in override:
+            raise MedfoundryError(f"override '{override}' is not of the form key.path=value")
+        key, raw = override.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MedfoundryError(f"override '{override}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(model: type[T], path: Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load a YAML recipe into ``model``, apply overrides, and validate with clear messages."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MedfoundryError("config file does not exist", path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise MedfoundryError(f"not valid YAML: {error}", path) from None
+        if not isinstance(data, dict):
+            raise MedfoundryError("config must be a mapping of sections", path)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise MedfoundryError(f"invalid config: {problems}", path) from None
+
+
+def dump_config(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")

@@ -1,0 +1,319 @@
+"""Readers for ordinary image files: a CSV manifest or a folder tree with one folder per class.
+
+Both return lazily loaded :class:`FileImageSet` splits; pixels are read with Pillow only when asked for,
+so a manifest of many thousands of images opens instantly.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medfoundry.data.sample import ImageSet, Splits
+from medfoundry.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SPLIT_NAMES = ("train", "val", "test")
+DEFAULT_SPLIT = "train"
+
+ImageSize = int | tuple[int, int]
+
+# Pillow modes that hold one grayscale channel at more than 8 bits (16-bit PNG/TIFF, float TIFF).
+_HIGH_DEPTH_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+class FileImageSet(ImageSet):
+    """Images stored as files, read with Pillow on demand as uint8 channels first.
+
+    Grayscale files give 1 channel, colour files 3 (alpha is dropped, palettes are expanded). Images
+    deeper than 8 bits are scaled per image from their min-max range to 0-255. ``image_size`` (an int
+    for a square, or ``(height, width)``) resizes with bilinear interpolation.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: Path,
+        paths: Sequence[Path],
+        ids: list[str],
+        patient_ids: list[str],
+        labels: np.ndarray | None = None,
+        class_names: list[str] | None = None,
+        image_size: ImageSize | None = None,
+    ) -> None:
+        if not (len(paths) == len(ids) == len(patient_ids)) or (labels is not None and len(labels) != len(ids)):
+            raise ValueError("paths, ids, patient_ids and labels must have the same length")
+        self.name = name
+        self.source = source
+        self.paths = [Path(p) for p in paths]
+        self.ids = ids
+        self.patient_ids = patient_ids
+        self.labels = labels
+        self.class_names = class_names
+        self.image_size = _as_hw(image_size)
+
+    def load(self, index: int) -> np.ndarray:
+        return read_image(self.paths[index], self.image_size)
+
+    def fingerprint(self) -> str:
+        """Hash of paths, file sizes, modification times, ids, labels and the resize setting.
+
+        File contents are not hashed: reading every image would make fingerprinting as slow as a full
+        pass over the data, while size + mtime changes whenever a file is rewritten in practice.
+        """
+        digest = hashlib.sha256()
+        for path in self.paths:
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                raise DataError("image file is missing or unreadable", path) from exc
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update("\n".join(self.ids).encode())
+        digest.update("\n".join(self.patient_ids).encode())
+        if self.labels is not None:
+            digest.update(np.ascontiguousarray(self.labels).tobytes())
+        digest.update(repr(self.image_size).encode())
+        return digest.hexdigest()[:16]
+
+
+def read_image(path: Path, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read one image file as uint8 ``(C, H, W)`` with C = 1 (grayscale) or 3 (colour)."""
+    try:
+        with Image.open(path) as image:
+            image = _to_8bit(image)
+            if image_size is not None:
+                # PIL takes (width, height); image_size is (height, width) like the arrays.
+                image = image.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except FileNotFoundError as exc:
+        raise DataError("image file not found", path) from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read image ({' '.join(str(exc).split())[:200]})", path) from exc
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode in ("1", "LA", "La"):
+        return image.convert("L")
+    if image.mode in _HIGH_DEPTH_GRAY:
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        return Image.fromarray(np.round((values - low) * scale).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def load_manifest(
+    csv_path: str | Path,
+    root: Path | None = None,
+    *,
+    path_column: str = "path",
+    label_column: str | None = "label",
+    patient_column: str = "patient_id",
+    split_column: str = "split",
+    image_size: ImageSize | None = None,
+) -> Splits:
+    """Load images listed in a CSV with columns ``path,label[,patient_id][,split]``.
+
+    Relative paths are resolved against ``root`` or else the CSV's folder. The sample id is the file
+    stem; if two files share a stem, the ids are the relative paths (without suffix) instead, so ids stay
+    unique. A missing ``patient_id`` column (or empty cell) uses the sample id; a missing ``split`` column
+    puts every row in ``train``. Integer labels are kept; any other labels are class names, mapped to
+    indices in sorted order and stored in ``class_names`` on every split. ``label_column=None`` reads an
+    unlabelled manifest (for self-supervised pre-training).
+
+    Raises:
+        DataError: missing file or column, empty label/split cell, a path that does not exist.
+    """
+    csv_path = Path(csv_path)
+    columns, rows = _read_csv(csv_path)
+    required = [path_column] + ([label_column] if label_column else [])
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(f"missing required column(s) {missing}; columns found: {columns}", csv_path)
+    if not rows:
+        raise DataError("has a header but no rows", csv_path)
+
+    base = Path(root) if root is not None else csv_path.parent
+    paths = [_resolve_row_path(row[path_column], base, line, csv_path) for line, row in _numbered(rows)]
+    ids = _unique_ids([row[path_column] for row in rows])
+    patients = [(row.get(patient_column) or "").strip() or sid for row, sid in zip(rows, ids, strict=True)]
+    splits = _row_splits(rows, split_column if split_column in columns else None, csv_path)
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+    if label_column:
+        labels, class_names = _encode_labels([row[label_column] for row in rows], csv_path)
+    return _group_by_split(csv_path.stem, csv_path, paths, ids, patients, splits, labels, class_names, image_size)
+
+
+def load_image_folder(root: str | Path, *, image_size: ImageSize | None = None) -> Splits:
+    """Load ``root/<class>/*.{png,jpg,jpeg,tif,tiff,bmp}`` or ``root/<split>/<class>/...``.
+
+    The split layout is used when any of ``train``, ``val`` or ``test`` exists under ``root``. Class
+    folders are searched recursively; class names are sorted and their positions are the label indices
+    (shared by all splits and kept in ``class_names``). Sample ids are the paths relative to the split
+    folder without suffix, e.g. ``NORMAL/IM-0115-0001``; image folders carry no patient ids, so
+    ``patient_ids`` equals the sample ids.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("image folder not found" if not root.exists() else "is not a folder", root)
+    split_dirs = _split_dirs(root)
+    files = {split: _class_files(folder) for split, folder in split_dirs.items()}
+    class_names = sorted({name for per_class in files.values() for name in per_class})
+    if not any(paths for per_class in files.values() for paths in per_class.values()):
+        layout = "<class>/<image>" if root in split_dirs.values() else "<split>/<class>/<image>"
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in the layout {layout}", root)
+    splits: Splits = {}
+    for split, per_class in files.items():
+        entries = [(path, class_names.index(name)) for name, paths in per_class.items() for path in paths]
+        if not entries:
+            continue
+        paths = [path for path, _ in entries]
+        ids = [path.relative_to(split_dirs[split]).with_suffix("").as_posix() for path in paths]
+        labels = np.array([label for _, label in entries], dtype=np.int64)
+        splits[split] = FileImageSet(
+            f"{root.name}:{split}", root, paths, ids, list(ids), labels, class_names, image_size
+        )
+    return splits
+
+
+def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if not csv_path.is_file():
+        raise DataError("CSV manifest not found" if not csv_path.exists() else "is not a file", csv_path)
+    try:
+        # utf-8-sig drops the byte-order mark that spreadsheet exports put before the first column name.
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot parse CSV ({' '.join(str(exc).split())[:200]})", csv_path) from exc
+    if not header:
+        raise DataError("CSV is empty (no header row)", csv_path)
+    return header, rows
+
+
+def _numbered(rows: list[dict[str, str]]) -> list[tuple[int, dict[str, str]]]:
+    # Line 1 is the header, so the first data row is line 2, as shown by editors and spreadsheets.
+    return [(index + 2, row) for index, row in enumerate(rows)]
+
+
+def _resolve_row_path(value: str | None, base: Path, line: int, csv_path: Path) -> Path:
+    value = (value or "").strip()
+    if not value:
+        raise DataError(f"row {line}: empty path", csv_path)
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise DataError(f"row {line}: image {path} does not exist", csv_path)
+    return path
+
+
+def _unique_ids(raw_paths: list[str]) -> list[str]:
+    stems = [Path(p.strip()).stem for p in raw_paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [Path(p.strip()).with_suffix("").as_posix() for p in raw_paths]
+
+
+def _row_splits(rows: list[dict[str, str]], split_column: str | None, csv_path: Path) -> list[str]:
+    if split_column is None:
+        return [DEFAULT_SPLIT] * len(rows)
+    splits = []
+    for line, row in _numbered(rows):
+        split = (row[split_column] or "").strip()
+        if not split:
+            raise DataError(f"row {line}: empty {split_column!r} value", csv_path)
+        splits.append(split)
+    return splits
+
+
+def _encode_labels(values: list[str | None], csv_path: Path) -> tuple[np.ndarray, list[str] | None]:
+    cleaned = [(value or "").strip() for value in values]
+    for line, value in enumerate(cleaned, start=2):
+        if not value:
+            raise DataError(f"row {line}: missing label", csv_path)
+    try:
+        return np.array([int(value) for value in cleaned], dtype=np.int64), None
+    except ValueError:
+        class_names = sorted(set(cleaned))
+        index = {name: i for i, name in enumerate(class_names)}
+        return np.array([index[value] for value in cleaned], dtype=np.int64), class_names
+
+
+def _group_by_split(
+    name: str,
+    source: Path,
+    paths: list[Path],
+    ids: list[str],
+    patients: list[str],
+    splits: list[str],
+    labels: np.ndarray | None,
+    class_names: list[str] | None,
+    image_size: ImageSize | None,
+) -> Splits:
+    # Known splits come first in their usual order, any custom split names after them.
+    order = [s for s in SPLIT_NAMES if s in splits] + sorted(set(splits) - set(SPLIT_NAMES))
+    result: Splits = {}
+    for split in order:
+        rows = [i for i, s in enumerate(splits) if s == split]
+        result[split] = FileImageSet(
+            name=f"{name}:{split}",
+            source=source,
+            paths=[paths[i] for i in rows],
+            ids=[ids[i] for i in rows],
+            patient_ids=[patients[i] for i in rows],
+            labels=None if labels is None else labels[rows],
+            class_names=class_names,
+            image_size=image_size,
+        )
+    return result
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    present = {split: root / split for split in SPLIT_NAMES if (root / split).is_dir()}
+    if not present:
+        return {DEFAULT_SPLIT: root}
+    others = sorted(p.name for p in _subdirs(root) if p.name not in SPLIT_NAMES)
+    if others:
+        raise DataError(
+            f"mixes split folders {sorted(present)} with other folders {others}; use either "
+            "<class>/ or <split>/<class>/ folders",
+            root,
+        )
+    return present
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    return {
+        class_dir.name: sorted(
+            p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and _visible(p, class_dir)
+        )
+        for class_dir in _subdirs(folder)
+    }
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _visible(path: Path, base: Path) -> bool:
+    # Skip hidden files and folders (.DS_Store, .ipynb_checkpoints) that tools leave behind.
+    return path.is_file() and not any(part.startswith(".") for part in path.relative_to(base).parts)
+
+
+def _as_hw(image_size: ImageSize | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    height, width = image_size
+    return (int(height), int(width))

@@ -1,0 +1,98 @@
+"""The common data model: a split of images with sample ids, patient ids and labels.
+
+Every reader (MedMNIST npz, image folder / CSV manifest, later DICOM, NIfTI and WSI tiles) returns
+``ImageSet`` objects, so pre-training, embedding and adaptation never depend on the file format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class ImageSet(ABC):
+    """A sequence of images (channels first: (C,H,W) or (C,D,H,W)) with ids, patient ids and labels.
+
+    ``patient_ids`` always exists (the sample id is used where the data has none), so that every split
+    and every bootstrap can group by patient.
+    """
+
+    name: str
+    source: Path
+    ids: list[str]
+    patient_ids: list[str]
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @abstractmethod
+    def load(self, index: int) -> np.ndarray:
+        """Return image ``index`` channels first, as uint8 or float32."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A hash of the content that changes whenever images, ids or labels change."""
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.load(0).shape[0])
+
+    def subset(self, indices: np.ndarray | list[int], name: str | None = None) -> ImageSet:
+        return SubsetImageSet(self, np.asarray(indices, dtype=np.int64), name)
+
+
+@dataclass
+class ArrayImageSet(ImageSet):
+    """Images held in memory as one array (N,C,H,W) or (N,C,D,H,W)."""
+
+    name: str
+    source: Path
+    images: np.ndarray
+    ids: list[str]
+    patient_ids: list[str]
+    labels: np.ndarray | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def load(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(np.ascontiguousarray(self.images).tobytes())
+            digest.update("\n".join(self.ids).encode())
+            digest.update("\n".join(self.patient_ids).encode())
+            if self.labels is not None:
+                digest.update(np.ascontiguousarray(self.labels).tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+
+class SubsetImageSet(ImageSet):
+    """A view of selected samples of another ImageSet (label fractions, folds)."""
+
+    def __init__(self, parent: ImageSet, indices: np.ndarray, name: str | None = None) -> None:
+        self.parent = parent
+        self.indices = indices
+        self.name = name or f"{parent.name}[{len(indices)}]"
+        self.source = parent.source
+        self.ids = [parent.ids[i] for i in indices]
+        self.patient_ids = [parent.patient_ids[i] for i in indices]
+        self.labels = None if parent.labels is None else parent.labels[indices]
+
+    def load(self, index: int) -> np.ndarray:
+        return self.parent.load(int(self.indices[index]))
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.parent.fingerprint().encode())
+        digest.update(self.indices.tobytes())
+        return digest.hexdigest()[:16]
+
+
+#: A dataset is a mapping from split name ("train", "val", "test") to ImageSet.
+Splits = dict[str, ImageSet]

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with patient-level bootstrap CIs, the results.json schema and the HTML report."""

@@ -1,0 +1,281 @@
+"""The spine as one Python call: SSL pre-training, embeddings, adapters, baselines, results, report.
+
+Each stage writes into ``output_dir`` and is skipped or resumed when its output is already there:
+``pretrain/`` (training state and the encoder folder), ``embeddings/<model>/<split>.h5`` (hash-keyed cache),
+``cells/`` (one JSON per finished adapter cell), ``results.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import medfoundry.ssl.dino  # noqa: F401  (registers the method)
+from medfoundry.adapt.embed import Embeddings, embed
+from medfoundry.adapt.registry import create_adapter
+from medfoundry.adapt.supervised import SupervisedFromScratch
+from medfoundry.config import ExperimentConfig, dump_config
+from medfoundry.data.registry import load_dataset
+from medfoundry.data.sample import ImageSet, Splits
+from medfoundry.data.splits import label_fraction_indices
+from medfoundry.errors import DataError
+from medfoundry.evaluate.metrics import compute_metrics
+from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
+from medfoundry.evaluate.results import (
+    ResultRecord,
+    ResultsFile,
+    records_from_metrics,
+    run_metadata,
+    write_results,
+)
+from medfoundry.io_utils import ensure_writable_dir, hash_json, write_json_atomic
+from medfoundry.models.backbones import Encoder, create_encoder
+from medfoundry.models.checkpoint import load_encoder, weights_hash
+from medfoundry.ssl.trainer import PretrainResult, pretrain
+
+log = logging.getLogger("medfoundry.experiment")
+
+
+@dataclass
+class ExperimentOutput:
+    output_dir: Path
+    results_path: Path
+    report_path: Path
+    results: ResultsFile
+    durations: dict[str, float] = field(default_factory=dict)
+
+
+def _labelled(images: ImageSet, split: str) -> np.ndarray:
+    if images.labels is None:
+        raise DataError(
+            f"split '{split}' has no labels; adaptation needs labelled train, val and test splits",
+            images.source,
+        )
+    return np.asarray(images.labels)
+
+
+def load_splits(config: ExperimentConfig) -> Splits:
+    splits = load_dataset(config.data.source)
+    needed = {config.data.pretrain_split, "train", config.evaluate.val_split, config.evaluate.eval_split}
+    missing = sorted(needed - set(splits))
+    if missing:
+        raise DataError(f"dataset lacks split(s) {missing}; found {sorted(splits)}", config.data.source)
+    return splits
+
+
+def build_encoder(config: ExperimentConfig) -> Encoder:
+    m = config.model
+    return create_encoder(
+        m.backbone,
+        in_chans=m.in_chans,
+        img_size=m.img_size,
+        pool=m.pool,
+        mean=tuple(m.mean) if m.mean else None,
+        std=tuple(m.std) if m.std else None,
+        seed=config.seed,
+    )
+
+
+def run_pretraining(
+    config: ExperimentConfig, splits: Splits, resume: bool = True, show_progress: bool = True
+) -> PretrainResult:
+    images = splits[config.data.pretrain_split]
+    # Pre-training sees images only: labels are dropped so no label can leak into the SSL stage.
+    unlabeled = images.subset(np.arange(len(images)), name=f"{images.name}-unlabeled")
+    unlabeled.labels = None
+    return pretrain(
+        unlabeled,
+        build_encoder(config),
+        config.pretrain,
+        config.output_dir / "pretrain",
+        resume=resume,
+        data_description=(
+            f"{config.data.source} split '{config.data.pretrain_split}' ({len(images)} images, labels unused)"
+        ),
+        show_progress=show_progress,
+    )
+
+
+def _cell_path(config: ExperimentConfig, key: dict[str, Any]) -> Path:
+    return (
+        config.output_dir / "cells" / f"{key['model']}__{key['adapter']}__{key['label_fraction']}__{key['seed']}.json"
+    )
+
+
+def _cached_cell(path: Path, fingerprint: str) -> list[ResultRecord] | None:
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if stored.get("fingerprint") != fingerprint:
+        return None
+    return [ResultRecord(**record) for record in stored["records"]]
+
+
+def _evaluate_cell(
+    config: ExperimentConfig,
+    key: dict[str, Any],
+    inputs_hash: str,
+    compute: Callable[[], tuple[np.ndarray, int]],
+    y_test: np.ndarray,
+    test_patients: list[str],
+) -> list[ResultRecord]:
+    """Run one (model, adapter, fraction, seed) cell, or reuse its stored records when inputs are unchanged."""
+    path = _cell_path(config, key)
+    fingerprint = hash_json({"key": key, "inputs": inputs_hash, "evaluate": config.evaluate.model_dump(mode="json")})
+    cached = _cached_cell(path, fingerprint)
+    if cached is not None:
+        return cached
+    proba, n_train = compute()
+    metrics = compute_metrics(
+        y_test,
+        proba,
+        test_patients,
+        metrics=tuple(config.evaluate.metrics),
+        n_bootstrap=config.evaluate.n_bootstrap,
+        confidence=config.evaluate.confidence,
+        seed=key["seed"],
+    )
+    records = records_from_metrics(metrics, task=config.data.task, n_train=n_train, n_test=len(y_test), **key)
+    write_json_atomic(path, {"fingerprint": fingerprint, "records": [r.__dict__ for r in records]})
+    return records
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    resume: bool = True,
+    show_progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> ExperimentOutput:
+    """Run the whole spine and return where results.json and report.html are."""
+    torch.manual_seed(config.seed)
+    ensure_writable_dir(config.output_dir)
+    durations: dict[str, float] = {}
+    started = time.perf_counter()
+    splits = load_splits(config)
+    train, val, test = splits["train"], splits[config.evaluate.val_split], splits[config.evaluate.eval_split]
+    y_train, y_val, y_test = _labelled(train, "train"), _labelled(val, "val"), _labelled(test, "test")
+    n_classes = int(max(y_train.max(), y_val.max(), y_test.max()) + 1)
+
+    echo(f"[1/4] {config.pretrain.method} pre-training on {len(splits[config.data.pretrain_split])} unlabeled images")
+    t0 = time.perf_counter()
+    pretrained = run_pretraining(config, splits, resume=resume, show_progress=show_progress)
+    durations["pretrain"] = time.perf_counter() - t0
+    encoders: dict[str, Encoder] = {
+        config.pretrain.method: load_encoder(pretrained.encoder_dir, pool=config.model.pool)
+    }
+    if config.random_init_baseline:
+        encoders["random-init"] = build_encoder(config)
+
+    echo("[2/4] embedding train / val / test with " + ", ".join(encoders))
+    t0 = time.perf_counter()
+    embeddings: dict[str, dict[str, Embeddings]] = {}
+    for name, encoder in encoders.items():
+        embeddings[name] = {
+            split: embed(
+                encoder,
+                images,
+                config.output_dir / "embeddings" / name / f"{split}.h5",
+                config.embed.batch_size,
+                config.embed.num_workers,
+            )
+            for split, images in (("train", train), ("val", val), ("test", test))
+        }
+    durations["embed"] = time.perf_counter() - t0
+
+    echo(
+        f"[3/4] adapters {config.adapt.adapters} x fractions {config.adapt.label_fractions}"
+        f" x seeds {config.adapt.seeds}"
+    )
+    t0 = time.perf_counter()
+    records: list[ResultRecord] = []
+    for name, per_split in embeddings.items():
+        inputs_hash = hash_json(
+            [
+                weights_hash(encoders[name].backbone),
+                encoders[name].pool,
+                train.fingerprint(),
+                val.fingerprint(),
+                test.fingerprint(),
+                config.adapt.model_dump(mode="json"),
+            ]
+        )
+        for adapter_name in config.adapt.adapters:
+            for fraction in config.adapt.label_fractions:
+                for seed in config.adapt.seeds:
+                    subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
+
+                    def fit_predict(
+                        subset: np.ndarray = subset,
+                        adapter_name: str = adapter_name,
+                        per_split: dict[str, Embeddings] = per_split,
+                        seed: int = seed,
+                    ) -> tuple[np.ndarray, int]:
+                        adapter = create_adapter(adapter_name, config.adapt, seed, n_classes)
+                        adapter.fit(
+                            per_split["train"].features[subset],
+                            y_train[subset],
+                            per_split["val"].features,
+                            y_val,
+                        )
+                        return adapter.predict_proba(per_split["test"].features), len(subset)
+
+                    key = {"model": name, "adapter": adapter_name, "label_fraction": fraction, "seed": seed}
+                    records += _evaluate_cell(config, key, inputs_hash, fit_predict, y_test, test.patient_ids)
+    durations["adapt"] = time.perf_counter() - t0
+
+    if config.supervised_baseline.enabled:
+        t0 = time.perf_counter()
+        baseline = config.supervised_baseline
+        echo(f"[4/4] supervised {baseline.backbone} from scratch on the same label budgets")
+        data_hash = hash_json(
+            [train.fingerprint(), val.fingerprint(), test.fingerprint(), baseline.model_dump(mode="json")]
+        )
+        for fraction in config.adapt.label_fractions:
+            for seed in config.adapt.seeds:
+                subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
+
+                def train_predict(subset: np.ndarray = subset, seed: int = seed) -> tuple[np.ndarray, int]:
+                    model = SupervisedFromScratch(baseline, train.num_channels, n_classes, seed)
+                    model.fit(train.subset(subset), val)
+                    return model.predict_proba(test), len(subset)
+
+                key = {
+                    "model": f"{baseline.backbone}-scratch",
+                    "adapter": "supervised",
+                    "label_fraction": fraction,
+                    "seed": seed,
+                }
+                records += _evaluate_cell(config, key, data_hash, train_predict, y_test, test.patient_ids)
+        durations["supervised_baseline"] = time.perf_counter() - t0
+    durations["total"] = time.perf_counter() - started
+
+    results = ResultsFile(
+        records=records,
+        metadata=run_metadata(
+            config=dump_config(config),
+            durations=durations,
+            dataset=config.data.task,
+            pretrain={
+                "steps": pretrained.steps,
+                "images_per_second": round(pretrained.images_per_second, 1),
+                "collapsed": pretrained.collapsed,
+                "last_monitor": pretrained.monitor[-1] if pretrained.monitor else None,
+            },
+            splits={"train": len(train), "val": len(val), "test": len(test)},
+        ),
+    )
+    results_path = write_results(config.output_dir / "results.json", results)
+    report_path = render_report(results, config.output_dir / "report.html", title=f"medfoundry: {config.name}")
+    echo(format_summary_text(summarise_table(results)))
+    return ExperimentOutput(config.output_dir, results_path, report_path, results, durations)

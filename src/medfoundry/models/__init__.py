@@ -1,0 +1,1 @@
+"""Backbones by name (through timm), encoders and the checkpoint folder format."""

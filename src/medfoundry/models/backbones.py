@@ -1,0 +1,187 @@
+"""Backbones by name through timm, with presets for small medical images.
+
+A preset is a named set of timm keyword arguments (like timm's own registry of decorated builders), so a
+recipe can say ``vit_tiny_28`` and still end up with a plain timm ``VisionTransformer`` that timm can
+rebuild from ``config.json`` alone. Any timm model name works too, with any input size and channel count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from medfoundry.errors import ModelError
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    timm_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+BACKBONE_PRESETS: dict[str, BackbonePreset] = {}
+
+
+def register_preset(name: str, timm_name: str, description: str = "", **kwargs: Any) -> None:
+    BACKBONE_PRESETS[name] = BackbonePreset(timm_name, kwargs, description)
+
+
+# The CPU trial (shared/reference/cpu-ssl-trial.md) used a 6-block, 192-wide ViT with 4 px patches at 28 px:
+# 49 tokens per image keeps 28 px images trainable on a laptop CPU.
+register_preset(
+    "vit_tiny_28",
+    "vit_tiny_patch16_224",
+    "ViT, dim 192, depth 6, 3 heads, 4 px patches, for 28 px images (2.7M parameters)",
+    img_size=28,
+    patch_size=4,
+    depth=6,
+)
+register_preset(
+    "vit_tiny_64",
+    "vit_tiny_patch16_224",
+    "ViT, dim 192, depth 6, 3 heads, 8 px patches, for 64 px images",
+    img_size=64,
+    patch_size=8,
+    depth=6,
+)
+register_preset("vit_small_224", "vit_small_patch16_224", "ViT-S/16 at 224 px (22M parameters)")
+register_preset("resnet18", "resnet18", "ResNet-18 (11M parameters)")
+register_preset("resnet50", "resnet50", "ResNet-50 (24M parameters)")
+
+
+def resolve_backbone(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
+    """Return the timm architecture name and keyword arguments for a preset or timm model name."""
+    if name in BACKBONE_PRESETS:
+        preset = BACKBONE_PRESETS[name]
+        return preset.timm_name, {**preset.kwargs, **overrides}
+    if timm.is_model(name):
+        return name, dict(overrides)
+    close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
+    hint = f" Similar timm models: {', '.join(close)}." if close else ""
+    raise ModelError(
+        f"unknown model name '{name}'. Presets: {', '.join(sorted(BACKBONE_PRESETS))}; "
+        f"or any timm model name (`medfoundry models list`).{hint}"
+    )
+
+
+def is_vit(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks")
+
+
+def create_timm_backbone(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Build a headless timm model (``num_classes=0``) with random weights; never touches a hub."""
+    kwargs = dict(kwargs)
+    if timm_name.startswith(("vit_", "deit", "eva", "beit")):
+        # Multi-crop SSL feeds smaller local crops to the same ViT; timm interpolates position embeddings.
+        kwargs.setdefault("dynamic_img_size", True)
+    try:
+        return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as error:
+        raise ModelError(f"timm model '{timm_name}' does not accept these arguments {kwargs}: {error}") from None
+
+
+PoolFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class Encoder(nn.Module):
+    """A timm backbone plus what is needed to use it: input normalisation and the pooled feature.
+
+    ``pool`` chooses the image feature: ``default`` is timm's own pooling (CLS token for ViTs, global
+    average for CNNs); ``token+avg`` concatenates the CLS token and the mean of patch tokens (ViT only).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        timm_name: str,
+        timm_kwargs: dict[str, Any],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        pool: str = "default",
+    ) -> None:
+        super().__init__()
+        if pool not in ("default", "token+avg"):
+            raise ModelError(f"unknown pool '{pool}': use 'default' or 'token+avg'")
+        if pool == "token+avg" and not is_vit(backbone):
+            raise ModelError("pool 'token+avg' needs a ViT backbone")
+        self.backbone = backbone
+        self.timm_name = timm_name
+        self.timm_kwargs = dict(timm_kwargs)
+        self.pool = pool
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.mean.shape[1])
+
+    @property
+    def img_size(self) -> int | None:
+        size = self.timm_kwargs.get("img_size")
+        return int(size) if size is not None else None
+
+    @property
+    def embed_dim(self) -> int:
+        width = int(self.backbone.num_features)
+        return 2 * width if self.pool == "token+avg" else width
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (0..255) or float (0..1) images to the backbone's normalised float input."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return (images - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of already-normalised input."""
+        if self.pool == "default":
+            return self.backbone(x)
+        tokens = self.backbone.forward_features(x)
+        prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+        return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=1)
+
+
+def create_encoder(
+    name: str,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    pool: str = "default",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    seed: int | None = None,
+    **overrides: Any,
+) -> Encoder:
+    """Build an encoder with random weights from a preset or timm name.
+
+    ``seed`` makes the random initialisation reproducible (the random-weights baseline must be the same
+    network as the one pre-training starts from).
+    """
+    timm_name, kwargs = resolve_backbone(name, **overrides)
+    kwargs["in_chans"] = in_chans
+    if img_size is not None and "img_size" in _accepted_kwargs(timm_name, kwargs):
+        kwargs["img_size"] = img_size
+    if seed is not None:
+        torch.manual_seed(seed)
+    backbone = create_timm_backbone(timm_name, kwargs)
+    mean = mean or (0.5,) * in_chans
+    std = std or (0.5,) * in_chans
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ModelError(f"normalisation mean/std need {in_chans} values, got {mean} / {std}")
+    return Encoder(backbone, timm_name, kwargs, tuple(mean), tuple(std), pool)
+
+
+def _accepted_kwargs(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    # CNNs in timm reject img_size; ViTs need it. Decide by family rather than by trial construction.
+    if timm_name.startswith(("vit_", "deit", "eva", "beit", "swin")):
+        return {**kwargs, "img_size": None}
+    return kwargs
+
+
+def list_backbones() -> list[tuple[str, str, str]]:
+    """(name, timm architecture, description) for every preset."""
+    return [(name, p.timm_name, p.description) for name, p in sorted(BACKBONE_PRESETS.items())]

@@ -1,0 +1,1 @@
+"""Self-supervised pre-training: methods registered by name over one shared trainer."""

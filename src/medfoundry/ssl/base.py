@@ -1,0 +1,67 @@
+"""The interface every SSL method implements, and the method registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medfoundry.config import PretrainConfig
+from medfoundry.models.backbones import Encoder
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """Scheduled values for one optimisation step."""
+
+    step: int
+    epoch: int
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, float]
+    monitor_features: torch.Tensor
+    monitor_extra: dict[str, float]
+
+
+class SSLMethod(nn.Module, ABC):
+    """One SSL method: a loss over views, plus what happens around the optimiser step."""
+
+    name: str = ""
+
+    @abstractmethod
+    def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput: ...
+
+    def before_optimizer_step(self, values: StepValues) -> None:
+        """Called after backward, before clipping and the optimiser step."""
+
+    def after_optimizer_step(self, values: StepValues) -> None:
+        """Called after the optimiser step (EMA teachers update here)."""
+
+    @abstractmethod
+    def trainable_modules(self) -> list[nn.Module]: ...
+
+    @abstractmethod
+    def export_encoder(self) -> Encoder:
+        """The encoder to keep after pre-training."""
+
+
+SSL_METHODS: dict[str, Callable[[Encoder, PretrainConfig], SSLMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[SSLMethod]], type[SSLMethod]]:
+    def decorator(cls: type[SSLMethod]) -> type[SSLMethod]:
+        cls.name = name
+        SSL_METHODS[name] = cls
+        return cls
+
+    return decorator

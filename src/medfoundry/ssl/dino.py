@@ -1,0 +1,134 @@
+"""DINO over lightly's parts, with DINOv2's guards against collapse.
+
+lightly provides the projection head, the centring loss, the Sinkhorn-Knopp normaliser (from MSN), KoLeo
+and the EMA update. lightly's DINOLoss only centres the teacher, and on BreastMNIST centring alone
+collapsed (shared/reference/cpu-ssl-trial.md), so for Sinkhorn targets the cross-entropy is written here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from lightly.loss import DINOLoss, KoLeoLoss
+from lightly.loss.msn_loss import sinkhorn
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from torch import nn
+
+from medfoundry.config import PretrainConfig
+from medfoundry.models.backbones import Encoder
+from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
+from medfoundry.ssl.monitor import prediction_entropy
+
+
+def cross_view_cross_entropy(
+    teacher_probs: list[torch.Tensor], student_logits: list[torch.Tensor], student_temp: float
+) -> torch.Tensor:
+    """Mean cross-entropy between each teacher view and every student view except the same view."""
+    total, terms = torch.zeros((), device=student_logits[0].device), 0
+    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
+    for t_index, target in enumerate(teacher_probs):
+        for s_index, log_prob in enumerate(log_probs):
+            if s_index == t_index:
+                continue
+            total = total - (target * log_prob).sum(dim=-1).mean()
+            terms += 1
+    return total / terms
+
+
+@register_method("dino")
+class DINO(SSLMethod):
+    def __init__(self, encoder: Encoder, config: PretrainConfig) -> None:
+        super().__init__()
+        cfg = config.dino
+        self.cfg = cfg
+        # Kept in a list so nn.Module does not register the backbone twice in the state dict.
+        self._template = [encoder]
+        self.student = encoder.backbone
+        width = int(encoder.backbone.num_features)
+        self.student_head = self._head(width)
+        self.teacher = copy.deepcopy(self.student)
+        # weight_norm heads cannot be deep-copied (torch #103001): build a twin and copy its weights.
+        self.teacher_head = self._head(width)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        deactivate_requires_grad(self.teacher)
+        deactivate_requires_grad(self.teacher_head)
+        self.centering_loss = (
+            DINOLoss(output_dim=cfg.out_dim, student_temp=cfg.student_temp)
+            if cfg.teacher_targets == "centering"
+            else None
+        )
+        self.koleo = KoLeoLoss()
+
+    def _head(self, width: int) -> DINOProjectionHead:
+        cfg = self.cfg
+        return DINOProjectionHead(
+            width,
+            cfg.hidden_dim,
+            cfg.bottleneck_dim,
+            cfg.out_dim,
+            freeze_last_layer=cfg.freeze_last_layer_epochs,
+        )
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.student, self.student_head]
+
+    def _forward_views(self, backbone: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Views of equal size go through the backbone in one batch: fewer, larger matmuls on CPU.
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape == views[start].shape:
+                end += 1
+            features = backbone(torch.cat(views[start:end]))
+            outputs.extend(features.chunk(end - start))
+            start = end
+        return outputs
+
+    def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput:
+        global_views = views[:2]
+        with torch.no_grad():
+            teacher_logits = [self.teacher_head(f) for f in self._forward_views(self.teacher, global_views)]
+        student_features = self._forward_views(self.student, views)
+        student_logits = [self.student_head(f) for f in student_features]
+
+        if self.centering_loss is not None:
+            dino_loss = self.centering_loss(teacher_logits, student_logits, teacher_temp=values.teacher_temp)
+        else:
+            stacked = torch.cat(teacher_logits).float()
+            targets = sinkhorn(
+                F.softmax(stacked / values.teacher_temp, dim=-1), iterations=self.cfg.sinkhorn_iterations
+            )
+            dino_loss = cross_view_cross_entropy(
+                list(targets.chunk(len(global_views))), student_logits, self.cfg.student_temp
+            )
+
+        koleo = sum(self.koleo(f.float()) for f in student_features[: len(global_views)]) / len(global_views)
+        loss = dino_loss + self.cfg.koleo_weight * koleo
+        entropy, used = prediction_entropy(torch.cat(teacher_logits), values.teacher_temp)
+        return StepOutput(
+            loss=loss,
+            logs={
+                "loss": float(loss.detach()),
+                "dino_loss": float(dino_loss.detach()),
+                "koleo": float(koleo.detach()),
+            },
+            monitor_features=student_features[0].detach(),
+            monitor_extra={"teacher_entropy": entropy, "prototypes_used": used},
+        )
+
+    def before_optimizer_step(self, values: StepValues) -> None:
+        self.student_head.cancel_last_layer_gradients(values.epoch)
+
+    def after_optimizer_step(self, values: StepValues) -> None:
+        update_momentum(self.student, self.teacher, m=values.momentum)
+        update_momentum(self.student_head, self.teacher_head, m=values.momentum)
+
+    def export_encoder(self) -> Encoder:
+        # DINO evaluates the teacher: the EMA of the student is the better encoder.
+        encoder = copy.deepcopy(self._template[0])
+        encoder.backbone.load_state_dict(self.teacher.state_dict())
+        return encoder

@@ -1,0 +1,286 @@
+"""One trainer for every SSL method: schedules, AMP, clipping, monitors, atomic checkpoints, resume.
+
+Resume is exact: batches come from a seeded permutation per epoch and each view from a generator seeded by
+(seed, epoch, index), so a killed run resumed from its last checkpoint ends with the same weights as an
+uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch.utils.data import DataLoader
+
+from medfoundry.config import PretrainConfig
+from medfoundry.data.sample import ImageSet
+from medfoundry.errors import MedfoundryError
+from medfoundry.io_utils import atomic_path, hash_json, write_json_atomic
+from medfoundry.models.backbones import Encoder
+from medfoundry.models.checkpoint import save_encoder
+from medfoundry.ssl.base import SSL_METHODS, SSLMethod
+from medfoundry.ssl.monitor import CollapseMonitor
+from medfoundry.ssl.schedules import Schedules
+from medfoundry.ssl.views import EpochBatchSampler, SeededViewDataset, build_dino_views
+
+log = logging.getLogger("medfoundry.pretrain")
+
+STATE_FILE = "state/last.pt"
+ENCODER_DIR = "encoder"
+SUMMARY_FILE = "summary.json"
+# Settings that change how a run is logged or executed, not what it computes.
+_NON_FUNCTIONAL = {
+    "num_workers",
+    "log_every_steps",
+    "monitor_every_steps",
+    "checkpoint_every_steps",
+    "tensorboard",
+    "stop_on_collapse",
+}
+
+
+@dataclass
+class PretrainResult:
+    output_dir: Path
+    encoder_dir: Path
+    steps: int
+    total_steps: int
+    seconds: float
+    images_per_second: float
+    collapsed: bool
+    resumed_from_step: int
+    monitor: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.total_steps
+
+
+def run_fingerprint(config: PretrainConfig, images: ImageSet, encoder: Encoder) -> str:
+    functional = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NON_FUNCTIONAL}
+    return hash_json(
+        {"config": functional, "data": images.fingerprint(), "arch": [encoder.timm_name, encoder.timm_kwargs]}
+    )
+
+
+def _optimizer(method: SSLMethod, config: PretrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for module in method.trainable_modules():
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Biases, norms, tokens and position embeddings are not decayed (DINO, timm convention).
+            (no_decay if param.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "reg_token")) else decay).append(
+                param
+            )
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+
+
+def _save_state(
+    path: Path,
+    method: SSLMethod,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    fingerprint: str,
+    monitor: list[dict[str, float]],
+) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "fingerprint": fingerprint,
+                "monitor": monitor,
+            },
+            tmp,
+        )
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
+        raise MedfoundryError(f"cannot read training state ({error}); delete it to start over", path) from None
+
+
+def pretrain(
+    images: ImageSet,
+    encoder: Encoder,
+    config: PretrainConfig,
+    output_dir: Path,
+    resume: bool = True,
+    data_description: str = "",
+    stop_after_steps: int | None = None,
+    show_progress: bool = True,
+) -> PretrainResult:
+    """Pre-train ``encoder`` on the unlabeled ``images`` with ``config.method``.
+
+    Writes ``state/last.pt`` (resumable), ``encoder/`` (checkpoint folder), ``log.jsonl``, TensorBoard
+    scalars under ``tensorboard/`` and ``summary.json``. ``stop_after_steps`` ends this call early (as a
+    kill would) after checkpointing.
+    """
+    output_dir = Path(output_dir)
+    torch.manual_seed(config.seed)
+    if config.method not in SSL_METHODS:
+        raise MedfoundryError(f"unknown SSL method '{config.method}'; known: {', '.join(sorted(SSL_METHODS))}")
+    method = SSL_METHODS[config.method](encoder, config)
+    optimizer = _optimizer(method, config)
+    fingerprint = run_fingerprint(config, images, encoder)
+    state_path = output_dir / STATE_FILE
+    start_step, monitor = 0, CollapseMonitor()
+    if resume and state_path.is_file():
+        state = _load_state(state_path)
+        if state["fingerprint"] != fingerprint:
+            raise MedfoundryError(
+                "existing training state was made with another config or data; use a new output folder "
+                "or delete it to start over",
+                state_path,
+            )
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, monitor.history = int(state["step"]), list(state["monitor"])
+        log.info("resuming from step %d (%s)", start_step, state_path)
+
+    views = build_dino_views(
+        config.views, encoder.in_chans, encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
+    )
+    sampler = EpochBatchSampler(len(images), config.batch_size, config.epochs, config.seed, start_step)
+    schedules = Schedules(config, sampler.steps_per_epoch)
+    loader = DataLoader(
+        SeededViewDataset(images, views, config.seed),
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        persistent_workers=False,
+    )
+    writer = _tensorboard(output_dir, config)
+    log_path = output_dir / "log.jsonl"
+    step, started, images_seen = start_step, time.perf_counter(), 0
+    stop_at = schedules.total_steps if stop_after_steps is None else min(stop_after_steps, schedules.total_steps)
+    method.train()
+    with _progress(show_progress) as progress, log_path.open("a") as log_file:
+        task = progress.add_task(f"{config.method} pre-training", total=schedules.total_steps, completed=start_step)
+        for batch in loader:
+            if step >= stop_at:
+                break
+            values = schedules.at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = values.lr
+            optimizer.param_groups[0]["weight_decay"] = values.weight_decay
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and batch[0].device.type == "cpu"):
+                output = method.training_step(batch, values)
+            if not math.isfinite(float(output.loss.detach())):
+                raise MedfoundryError(
+                    f"loss became {float(output.loss.detach())} at step {step}; lower the learning rate or use fp32"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            method.before_optimizer_step(values)
+            if config.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for m in method.trainable_modules() for p in m.parameters()], config.clip_grad
+                )
+            optimizer.step()
+            method.after_optimizer_step(values)
+            step += 1
+            images_seen += batch[0].shape[0]
+            record: dict[str, float] = {"step": step, "epoch": values.epoch, "lr": values.lr, **output.logs}
+            if step % config.monitor_every_steps == 0 or step == stop_at:
+                reading = monitor.update(step, output.monitor_features, output.monitor_extra)
+                record.update({k: v for k, v in reading.items() if k != "step"})
+                if monitor.collapsed:
+                    log.warning(monitor.message())
+            if step % config.log_every_steps == 0 or "feature_std" in record:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if writer is not None:
+                    for key, value in record.items():
+                        if key not in ("step", "epoch"):
+                            writer.add_scalar(f"pretrain/{key}", value, step)
+            progress.update(task, completed=step, description=f"{config.method} loss {output.logs['loss']:.3f}")
+            if step % config.checkpoint_every_steps == 0 or step == stop_at:
+                _save_state(state_path, method, optimizer, step, fingerprint, monitor.history)
+            if config.stop_on_collapse and monitor.collapsed:
+                log.error("stopping: %s", monitor.message())
+                _save_state(state_path, method, optimizer, step, fingerprint, monitor.history)
+                break
+    if writer is not None:
+        writer.close()
+    seconds = time.perf_counter() - started
+    if step > start_step and not state_path.is_file():
+        _save_state(state_path, method, optimizer, step, fingerprint, monitor.history)
+    result = PretrainResult(
+        output_dir=output_dir,
+        encoder_dir=output_dir / ENCODER_DIR,
+        steps=step,
+        total_steps=schedules.total_steps,
+        seconds=seconds,
+        images_per_second=images_seen / seconds if seconds > 0 else 0.0,
+        collapsed=monitor.collapsed,
+        resumed_from_step=start_step,
+        monitor=monitor.history,
+    )
+    if result.finished:
+        exported = method.export_encoder()
+        save_encoder(
+            exported,
+            result.encoder_dir,
+            extra={
+                "ssl_method": config.method,
+                "data": data_description or images.name,
+                "pretrain_steps": step,
+                "pretrain_fingerprint": fingerprint,
+                "pretrain_config": config.model_dump(mode="json"),
+            },
+        )
+    write_json_atomic(
+        output_dir / SUMMARY_FILE,
+        {
+            "fingerprint": fingerprint,
+            "steps": step,
+            "total_steps": schedules.total_steps,
+            "finished": result.finished,
+            "seconds_this_run": seconds,
+            "images_per_second": result.images_per_second,
+            "collapsed": result.collapsed,
+            "resumed_from_step": start_step,
+            "last_monitor": monitor.history[-1] if monitor.history else None,
+        },
+    )
+    return result
+
+
+def _tensorboard(output_dir: Path, config: PretrainConfig) -> Any:
+    if not config.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )

@@ -1,0 +1,135 @@
+"""Multi-crop views built from lightly's transforms, made reproducible per (seed, epoch, sample).
+
+Each sample's augmentation draws its randomness from a generator seeded by (run seed, epoch, index), so
+the views do not depend on the number of DataLoader workers or on where a resumed run restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from lightly.transforms.dino_transform import DINOTransform
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from medfoundry.config import ViewsConfig
+from medfoundry.data.sample import ImageSet
+from medfoundry.errors import DataError
+
+
+def to_pil(image: np.ndarray, source: str = "") -> Image.Image:
+    """A (C,H,W) uint8 or 0..1 float array as a PIL image (L for 1 channel, RGB for 3)."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise DataError(f"2D views need (C,H,W) images with 1 or 3 channels, got shape {image.shape}", source)
+    if image.dtype != np.uint8:
+        image = np.clip(np.asarray(image, dtype=np.float32) * 255.0, 0, 255).round().astype(np.uint8)
+    if image.shape[0] == 1:
+        return Image.fromarray(image[0], mode="L")
+    return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB")
+
+
+def build_dino_views(config: ViewsConfig, in_chans: int, mean: list[float], std: list[float]) -> DINOTransform:
+    """Global and local crops via lightly's DINOTransform, with medical-image defaults.
+
+    Grey-scale conversion and hue/saturation jitter are off: for 1-channel images they mean nothing, and in
+    pathology colour carries the stain.
+    """
+    return DINOTransform(
+        global_crop_size=config.global_crop_size,
+        global_crop_scale=tuple(config.global_crop_scale),
+        local_crop_size=config.local_crop_size,
+        local_crop_scale=tuple(config.local_crop_scale),
+        n_local_views=config.n_local_views,
+        hf_prob=config.hflip_prob,
+        vf_prob=config.vflip_prob,
+        rr_prob=config.rotation_prob,
+        rr_degrees=config.rotation_degrees,
+        cj_prob=config.color_jitter_prob,
+        cj_strength=1.0,
+        cj_bright=config.brightness,
+        cj_contrast=config.contrast,
+        cj_sat=config.saturation if in_chans == 3 else 0.0,
+        cj_hue=config.hue if in_chans == 3 else 0.0,
+        random_gray_scale=0.0,
+        gaussian_blur=(config.blur_prob, config.blur_prob, config.blur_prob),
+        sigmas=tuple(config.blur_sigmas),
+        solarization_prob=config.solarization_prob,
+        normalize={"mean": list(mean), "std": list(std)},
+    )
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 32-bit seed from several integers (run seed, epoch, index, ...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded_rng(*keys: int) -> Iterator[None]:
+    """Seed torch, numpy and random from ``keys`` inside the block, restoring the outer state after."""
+    seed = derive_seed(*keys)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+class SeededViewDataset(Dataset):
+    """Returns the list of views of sample ``index`` for key ``(epoch, index)``."""
+
+    def __init__(self, images: ImageSet, transform: Callable[[Image.Image], list[torch.Tensor]], seed: int):
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+        epoch, index = key
+        image = to_pil(self.images.load(index), f"{self.images.source}#{self.images.ids[index]}")
+        with seeded_rng(self.seed, epoch, index):
+            return self.transform(image)
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (epoch, index) keys: a seeded permutation per epoch, full batches only.
+
+    Starting at ``start_step`` skips the batches a resumed run already trained on without loading them.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, epochs: int, seed: int, start_step: int = 0):
+        if num_samples < batch_size:
+            raise DataError(f"{num_samples} images are fewer than one batch of {batch_size}; lower batch_size")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = seed
+        self.start_step = start_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.epochs * self.steps_per_epoch - self.start_step)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        first_epoch = self.start_step // self.steps_per_epoch
+        for epoch in range(first_epoch, self.epochs):
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            for batch in range(self.steps_per_epoch):
+                if epoch * self.steps_per_epoch + batch < self.start_step:
+                    continue
+                chunk = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+                yield [(epoch, index) for index in chunk]

@@ -1,0 +1,27 @@
+"""Shared fixtures: real data from ../shared/data (skipped cleanly when absent) and the bundled demo data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDFOUNDRY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+BUNDLED_BREASTMNIST = REPO_ROOT / "data" / "breastmnist" / "breastmnist.npz"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def breastmnist_npz() -> Path:
+    """The BreastMNIST 28 px file bundled in the repo (always present)."""
+    return BUNDLED_BREASTMNIST
