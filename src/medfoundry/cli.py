@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from medfoundry.errors import MedfoundryError
@@ -66,14 +67,14 @@ def run(
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore finished stages and start over")] = False,
 ) -> None:
     """Run the whole pipeline: pre-train, embed, adapt, baselines, results.json and report.html."""
+    cfg = _experiment_config(config, overrides, output)  # before the slow import: config typos fail fast
     from medfoundry.experiment import run_experiment
 
-    cfg = _experiment_config(config, overrides, output)
     if fresh and cfg.output_dir.exists():
         import shutil
 
         shutil.rmtree(cfg.output_dir)
-    out = run_experiment(cfg, resume=True, echo=lambda line: console.print(line, highlight=False))
+    out = run_experiment(cfg, resume=True, echo=lambda line: console.print(line, highlight=False, soft_wrap=True))
     console.print(f"\n[bold green]Report:[/] {out.report_path.resolve()}")
     console.print(f"[bold green]Results:[/] {out.results_path.resolve()}")
     console.print(f"Took {out.durations['total']:.0f} s")
@@ -138,7 +139,7 @@ def report(
 
     res = read_results(results)
     path = render_report(res, out or results.with_name("report.html"))
-    console.print(format_summary_text(summarise_table(res)))
+    console.print(format_summary_text(summarise_table(res)), highlight=False, soft_wrap=True)
     console.print(f"Report: {path.resolve()}")
 
 
@@ -189,7 +190,8 @@ def main() -> None:
     except MedfoundryError as error:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # soft_wrap: one line however long, not wrapped at the console width (80 when piped).
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted; finished stages and checkpoints are kept, run again to resume")

@@ -37,7 +37,7 @@ from medfoundry.evaluate.results import (
     write_results,
 )
 from medfoundry.io_utils import ensure_writable_dir, hash_json, write_json_atomic
-from medfoundry.models.backbones import Encoder, create_encoder
+from medfoundry.models.backbones import Encoder, create_encoder, resolve_backbone
 from medfoundry.models.checkpoint import load_encoder, weights_hash
 from medfoundry.ssl.trainer import PretrainResult, pretrain
 
@@ -166,6 +166,10 @@ def run_experiment(
     train, val, test = splits["train"], splits[config.evaluate.val_split], splits[config.evaluate.eval_split]
     y_train, y_val, y_test = _labelled(train, "train"), _labelled(val, "val"), _labelled(test, "test")
     n_classes = int(max(y_train.max(), y_val.max(), y_test.max()) + 1)
+    # Model problems (unknown names, bad arguments) must fail before minutes of pre-training, not after.
+    random_init = build_encoder(config)
+    if config.supervised_baseline.enabled:
+        resolve_backbone(config.supervised_baseline.backbone)
 
     echo(f"[1/4] {config.pretrain.method} pre-training on {len(splits[config.data.pretrain_split])} unlabeled images")
     t0 = time.perf_counter()
@@ -175,7 +179,7 @@ def run_experiment(
         config.pretrain.method: load_encoder(pretrained.encoder_dir, pool=config.model.pool)
     }
     if config.random_init_baseline:
-        encoders["random-init"] = build_encoder(config)
+        encoders["random-init"] = random_init
 
     echo("[2/4] embedding train / val / test with " + ", ".join(encoders))
     t0 = time.perf_counter()

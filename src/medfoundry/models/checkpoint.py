@@ -32,7 +32,8 @@ def weights_hash(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): 0-dim tensors (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly.
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -104,7 +105,11 @@ def load_encoder(folder: Path | str, pool: str | None = None) -> Encoder:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise ModelError(f"cannot read weights ({error})", weights_path) from None
-    result = backbone.load_state_dict(state, strict=False)
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same names, different shapes (strict=False still raises on those)
+        first = " ".join(str(error).split())[:300]
+        raise ModelError(f"weights do not match {config['architecture']} ({first})", weights_path) from None
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(
             f"weights do not match {config['architecture']}: missing {result.missing_keys[:5]}, "

@@ -8,6 +8,7 @@ collapsed (shared/reference/cpu-ssl-trial.md), so for Sinkhorn targets the cross
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +65,12 @@ class DINO(SSLMethod):
 
     def _head(self, width: int) -> DINOProjectionHead:
         cfg = self.cfg
-        return DINOProjectionHead(
-            width,
-            cfg.hidden_dim,
-            cfg.bottleneck_dim,
-            cfg.out_dim,
-            freeze_last_layer=cfg.freeze_last_layer_epochs,
-        )
+        # lightly's head uses torch's older weight_norm, which warns on every construction.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return DINOProjectionHead(
+                width, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim, freeze_last_layer=cfg.freeze_last_layer_epochs
+            )
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student, self.student_head]

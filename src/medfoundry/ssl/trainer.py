@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from medfoundry.config import PretrainConfig
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import MedfoundryError
-from medfoundry.io_utils import atomic_path, hash_json, write_json_atomic
+from medfoundry.io_utils import atomic_path, ensure_writable_dir, hash_json, write_json_atomic
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import save_encoder
 from medfoundry.ssl.base import SSL_METHODS, SSLMethod
@@ -137,7 +137,7 @@ def pretrain(
     scalars under ``tensorboard/`` and ``summary.json``. ``stop_after_steps`` ends this call early (as a
     kill would) after checkpointing.
     """
-    output_dir = Path(output_dir)
+    output_dir = ensure_writable_dir(Path(output_dir))
     torch.manual_seed(config.seed)
     if config.method not in SSL_METHODS:
         raise MedfoundryError(f"unknown SSL method '{config.method}'; known: {', '.join(sorted(SSL_METHODS))}")
