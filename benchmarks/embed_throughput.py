@@ -127,7 +127,9 @@ def bench(label: str, encoder: Encoder, images: np.ndarray, batch_size: int, rep
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    header = f"{'model':<15} {'path':<20} {'images':>7} {'batch':>6} {'median s':>9} {'spread':>7} {'img/s':>9} {'ratio':>6}"
+    columns = ("model", 15), ("path", 20), ("images", 7), ("batch", 6), ("median s", 9), ("spread", 7), ("img/s", 9)
+    header = " ".join(f"{name:<{width}}" if i < 2 else f"{name:>{width}}" for i, (name, width) in enumerate(columns))
+    header += f" {'ratio':>6}"
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -36,6 +36,10 @@ def _cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess
     )
 
 
+def _embed_args(data: Path, out: Path) -> list[str | Path]:
+    return ["embed", "--model", "vit_tiny_28", "--data", data, "--split", "test", "--out", out]
+
+
 def _flat(text: str) -> str:
     return " ".join(text.split())
 
@@ -79,7 +83,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (tmp / "file.txt").write_text("a file, not a folder\n")
     records = [
-        ResultRecord("breastmnist", model, "linear", fraction, seed, "auroc", value, value - 0.05, value + 0.05, 50, 156)
+        ResultRecord(
+            "breastmnist", model, "linear", fraction, seed, "auroc", value, value - 0.05, value + 0.05, 50, 156
+        )
         for model, base in (("dino", 0.8), ("random-init", 0.7))
         for fraction in (0.1, 1.0)
         for seed in (0, 1)
@@ -134,10 +140,10 @@ def runs(work: Path, breastmnist_npz: Path) -> dict[str, subprocess.CompletedPro
         "debug": ["--debug", "run", work / "missing.yaml", "-o", work / "out_debug"],
         "models list": ["models", "list"],
         "data info": ["data", "info", "data/breastmnist/breastmnist.npz"],
-        "embed": ["embed", "--model", "vit_tiny_28", "--data", breastmnist_npz, "--split", "test", "--out", work / "x.h5"],
+        "embed": _embed_args(breastmnist_npz, work / "x.h5"),
         "report": ["report", work / "report" / "results.json"],
     }
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
         futures = {name: pool.submit(_cli, *args) for name, args in commands.items()}
         return {name: future.result() for name, future in futures.items()}
 
@@ -190,7 +196,7 @@ def test_embed_writes_then_reuses(
     assert (work / "x.h5").is_file()
     assert "156 x 192 features (wrote in" in _flat(first.stderr)
     mtime = (work / "x.h5").stat().st_mtime_ns
-    second = _cli("embed", "--model", "vit_tiny_28", "--data", breastmnist_npz, "--split", "test", "--out", work / "x.h5")
+    second = _cli(*_embed_args(breastmnist_npz, work / "x.h5"))
     assert second.returncode == 0, second.stderr
     assert "156 x 192 features (reused)" in _flat(second.stderr)
     assert (work / "x.h5").stat().st_mtime_ns == mtime

@@ -50,16 +50,24 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_interruption_gives_identical_weights(small_images, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     config = PretrainConfig(**SMALL)
-    full = pretrain(small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, tmp_path / "full",
-                    show_progress=False)
+    full = pretrain(
+        small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, tmp_path / "full", show_progress=False
+    )
     assert full.finished and full.steps == 12
 
-    part = pretrain(small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, tmp_path / "split",
-                    stop_after_steps=5, show_progress=False)
+    part = pretrain(
+        small_images,
+        create_encoder("vit_tiny_28", in_chans=1, seed=0),
+        config,
+        tmp_path / "split",
+        stop_after_steps=5,
+        show_progress=False,
+    )
     assert not part.finished and part.steps == 5
     assert not (tmp_path / "split" / "encoder").exists(), "an unfinished run must not export an encoder"
-    resumed = pretrain(small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, tmp_path / "split",
-                       show_progress=False)
+    resumed = pretrain(
+        small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, tmp_path / "split", show_progress=False
+    )
     assert resumed.resumed_from_step == 5 and resumed.finished
 
     a, b = _weights(full.encoder_dir), _weights(resumed.encoder_dir)
@@ -75,31 +83,54 @@ def test_resume_after_interruption_gives_identical_weights(small_images, tmp_pat
 
 def test_resume_refuses_a_changed_config(small_images, tmp_path: Path) -> None:
     config = PretrainConfig(**SMALL)
-    pretrain(small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, tmp_path, stop_after_steps=2,
-             show_progress=False)
+    pretrain(
+        small_images,
+        create_encoder("vit_tiny_28", in_chans=1, seed=0),
+        config,
+        tmp_path,
+        stop_after_steps=2,
+        show_progress=False,
+    )
     changed = PretrainConfig(**{**SMALL, "lr": 1e-3})
     with pytest.raises(Exception, match="another config or data"):
-        pretrain(small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), changed, tmp_path,
-                 show_progress=False)
+        pretrain(
+            small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), changed, tmp_path, show_progress=False
+        )
 
 
 def test_sigkill_midway_then_resume_matches_uninterrupted(breastmnist_npz: Path, tmp_path: Path) -> None:
     """A real kill -9 of the CLI during pre-training; the atomic checkpoint survives and resume is exact."""
     archive = np.load(breastmnist_npz)
     small = tmp_path / "small.npz"
-    np.savez(small, train_images=archive["train_images"][:64], train_labels=archive["train_labels"][:64],
-             val_images=archive["val_images"][:20], val_labels=archive["val_labels"][:20],
-             test_images=archive["test_images"][:20], test_labels=archive["test_labels"][:20])
-    overrides = [f"data.source={small}", "pretrain.epochs=6", "pretrain.batch_size=16", "pretrain.warmup_epochs=1",
-                 "pretrain.checkpoint_every_steps=3", "pretrain.tensorboard=false", "pretrain.views.n_local_views=2",
-                 "pretrain.dino.out_dim=128", "pretrain.dino.hidden_dim=64", "pretrain.dino.bottleneck_dim=32"]
+    np.savez(
+        small,
+        train_images=archive["train_images"][:64],
+        train_labels=archive["train_labels"][:64],
+        val_images=archive["val_images"][:20],
+        val_labels=archive["val_labels"][:20],
+        test_images=archive["test_images"][:20],
+        test_labels=archive["test_labels"][:20],
+    )
+    overrides = [
+        f"data.source={small}",
+        "pretrain.epochs=6",
+        "pretrain.batch_size=16",
+        "pretrain.warmup_epochs=1",
+        "pretrain.checkpoint_every_steps=3",
+        "pretrain.tensorboard=false",
+        "pretrain.views.n_local_views=2",
+        "pretrain.dino.out_dim=128",
+        "pretrain.dino.hidden_dim=64",
+        "pretrain.dino.bottleneck_dim=32",
+    ]
     args = [sys.executable, "-m", "medfoundry.cli", "pretrain"]
     for override in overrides:
         args += ["-s", override]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
-    process = subprocess.Popen([*args, "-o", str(killed_dir)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*args, "-o", str(killed_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     state = killed_dir / "pretrain" / STATE_FILE
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and process.poll() is None:
@@ -122,7 +153,9 @@ def test_sigkill_midway_then_resume_matches_uninterrupted(breastmnist_npz: Path,
 def test_collapse_monitor_flags_identical_features_only() -> None:
     generator = torch.Generator().manual_seed(0)
     spread = torch.randn(64, 192, generator=generator)
-    collapsed = torch.randn(1, 192, generator=generator).repeat(64, 1) + 1e-4 * torch.randn(64, 192, generator=generator)
+    collapsed = torch.randn(1, 192, generator=generator).repeat(64, 1) + 1e-4 * torch.randn(
+        64, 192, generator=generator
+    )
     assert feature_std(spread) > 0.8 and effective_rank(spread) > 40
     assert feature_std(collapsed) < 0.05
     monitor = CollapseMonitor(patience=2)

@@ -26,7 +26,7 @@ from medfoundry.config import ExperimentConfig, dump_config
 from medfoundry.data.registry import load_dataset
 from medfoundry.data.sample import ImageSet, Splits
 from medfoundry.data.splits import label_fraction_indices
-from medfoundry.errors import DataError
+from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.metrics import compute_metrics
 from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
 from medfoundry.evaluate.results import (
@@ -175,6 +175,12 @@ def run_experiment(
     t0 = time.perf_counter()
     pretrained = run_pretraining(config, splits, resume=resume, show_progress=show_progress)
     durations["pretrain"] = time.perf_counter() - t0
+    if not pretrained.finished:
+        raise MedfoundryError(
+            f"pre-training stopped at step {pretrained.steps} of {pretrained.total_steps}"
+            f"{' (collapse monitor)' if pretrained.collapsed else ''}; see log.jsonl",
+            pretrained.output_dir,
+        )
     encoders: dict[str, Encoder] = {
         config.pretrain.method: load_encoder(pretrained.encoder_dir, pool=config.model.pool)
     }

@@ -63,9 +63,22 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` via a synced temporary file and a rename; ``OutputError`` naming ``path`` if it cannot."""
+    try:
+        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OutputError as error:
+        raise OutputError(f"cannot write file: {error}", path) from None
+    except OSError as error:
+        raise OutputError(f"cannot write file: {error.strerror or error}", path) from None
+    return Path(path)
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def hash_json(data: Any) -> str:

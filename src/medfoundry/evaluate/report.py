@@ -20,7 +20,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from medfoundry.evaluate.results import ResultRecord, ResultsFile, atomic_write_text, read_results
+from medfoundry.evaluate.results import ResultRecord, ResultsFile, read_results
+from medfoundry.io_utils import write_text_atomic
 
 # Plotted and tabulated in this order; any other metric in the file is tabulated after these.
 REPORT_METRICS: tuple[str, ...] = ("auroc", "balanced_accuracy", "accuracy")
@@ -519,4 +520,4 @@ def render_report(results: ResultsFile | Path | str, out_html: Path | str, title
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head>"
         f"<body><main>{''.join(body)}</main></body></html>\n"
     )
-    return atomic_write_text(out_html, document)
+    return write_text_atomic(Path(out_html), document)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import os
 import platform
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -21,6 +19,7 @@ from typing import Any
 
 from medfoundry import __version__
 from medfoundry.errors import DataError, OutputError
+from medfoundry.io_utils import write_text_atomic
 
 SCHEMA_VERSION = 1
 
@@ -87,30 +86,6 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp_name: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Same folder so os.replace is a rename on one filesystem, which is atomic.
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:
-        raise OutputError(f"cannot write file: {exc.strerror or exc}", path) from exc
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-    return path
-
-
 def results_to_dict(results: ResultsFile) -> dict[str, Any]:
     """The JSON-ready form of ``results`` (NaN and infinities become ``None``)."""
     return _nan_to_none(
@@ -128,7 +103,7 @@ def write_results(path: str | Path, results: ResultsFile) -> Path:
         text = json.dumps(results_to_dict(results), indent=2, allow_nan=False, default=str) + "\n"
     except (TypeError, ValueError) as exc:
         raise OutputError(f"results cannot be serialised to JSON: {exc}", path) from exc
-    return atomic_write_text(path, text)
+    return write_text_atomic(Path(path), text)
 
 
 _STR_FIELDS = ("task", "model", "adapter", "metric")
