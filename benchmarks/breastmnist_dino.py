@@ -53,7 +53,10 @@ def main() -> None:
         f"\nBreastMNIST test AUROC, mean over seeds {config.adapt.seeds} [mean 95% CI]; pre-training "
         f"{out.durations['pretrain'] / 60:.1f} min ({config.pretrain.epochs} epochs)"
     )
-    header = f"{'adapter':8} {'labels':>6} | {ssl:>20} | {'random-init':>20} | {scratch:>20} | {'vs random':>9} | {'vs scratch':>10} | target"
+    header = (
+        f"{'adapter':8} {'labels':>6} | {ssl:>20} | {'random-init':>20} | {scratch:>20} | "
+        f"{'vs random':>9} | {'vs scratch':>10} | target"
+    )
     print(header)
     print("-" * len(header))
     for adapter in config.adapt.adapters:
