@@ -126,6 +126,16 @@ def bench(label: str, encoder: Encoder, images: np.ndarray, batch_size: int, rep
     return rows
 
 
+def measure_throughput(encoder_dir: Path | None = None, reps: int = 3, batch_size: int = 128) -> dict[str, float]:
+    """img/s of ``embed()`` -> HDF5 and of the bare timm forward, and their ratio, on all BreastMNIST images."""
+    from medfoundry.models.checkpoint import load_encoder
+
+    encoder = load_encoder(encoder_dir) if encoder_dir else create_encoder("vit_tiny_28", in_chans=1, seed=0)
+    rows = {r["path"]: r for r in bench("encoder", encoder, all_images(DEFAULT_DATA), batch_size, reps)}
+    ours, bare = float(rows["embed() -> HDF5"]["img_s"]), float(rows["bare timm forward"]["img_s"])
+    return {"medfoundry": ours, "bare": bare, "ratio": ours / bare}
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     columns = ("model", 15), ("path", 20), ("images", 7), ("batch", 6), ("median s", 9), ("spread", 7), ("img/s", 9)
     header = " ".join(f"{name:<{width}}" if i < 2 else f"{name:>{width}}" for i, (name, width) in enumerate(columns))

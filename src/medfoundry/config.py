@@ -39,12 +39,16 @@ class ModelConfig(StrictModel):
 
 
 class ViewsConfig(StrictModel):
-    """Multi-crop views (lightly's DINOTransform). Defaults suit 1-channel 28 px ultrasound."""
+    """Multi-crop views (lightly's DINOTransform). Defaults suit 1-channel 28 px ultrasound.
+
+    Crop scales are larger than DINO's ImageNet defaults: at 28 px a crop of a fifth of the image keeps too
+    few pixels. On BreastMNIST, global 0.5-1 / local 0.2-0.5 beat 0.3-1 / 0.1-0.4 slightly at equal budget.
+    """
 
     global_crop_size: int = 28
-    global_crop_scale: tuple[float, float] = (0.3, 1.0)
+    global_crop_scale: tuple[float, float] = (0.5, 1.0)
     local_crop_size: int = 16
-    local_crop_scale: tuple[float, float] = (0.1, 0.4)
+    local_crop_scale: tuple[float, float] = (0.2, 0.5)
     n_local_views: int = 4
     hflip_prob: float = 0.5
     vflip_prob: float = 0.0

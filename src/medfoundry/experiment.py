@@ -151,6 +151,81 @@ def _evaluate_cell(
     return records
 
 
+def _probe_records(
+    config: ExperimentConfig,
+    encoders: dict[str, Encoder],
+    embeddings: dict[str, dict[str, Embeddings]],
+    data: tuple[ImageSet, ImageSet, ImageSet],
+    n_classes: int,
+) -> list[ResultRecord]:
+    """Every (encoder, adapter, label fraction, seed) cell on cached embeddings."""
+    train, val, test = data
+    y_train, y_val, y_test = np.asarray(train.labels), np.asarray(val.labels), np.asarray(test.labels)
+    records: list[ResultRecord] = []
+    for name, features in embeddings.items():
+        encoder = encoders[name]
+        inputs_hash = hash_json(
+            [
+                weights_hash(encoder.backbone),
+                encoder.pool,
+                train.fingerprint(),
+                val.fingerprint(),
+                test.fingerprint(),
+                config.adapt.model_dump(mode="json"),
+            ]
+        )
+        for adapter_name in config.adapt.adapters:
+            for fraction in config.adapt.label_fractions:
+                for seed in config.adapt.seeds:
+                    subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
+
+                    def fit_predict(
+                        subset: np.ndarray = subset,
+                        adapter_name: str = adapter_name,
+                        features: dict[str, Embeddings] = features,
+                        seed: int = seed,
+                    ) -> tuple[np.ndarray, int]:
+                        adapter = create_adapter(adapter_name, config.adapt, seed, n_classes)
+                        adapter.fit(
+                            features["train"].features[subset], y_train[subset], features["val"].features, y_val
+                        )
+                        return adapter.predict_proba(features["test"].features), len(subset)
+
+                    key = {"model": name, "adapter": adapter_name, "label_fraction": fraction, "seed": seed}
+                    records += _evaluate_cell(config, key, inputs_hash, fit_predict, y_test, test.patient_ids)
+    return records
+
+
+def _scratch_records(
+    config: ExperimentConfig, data: tuple[ImageSet, ImageSet, ImageSet], n_classes: int
+) -> list[ResultRecord]:
+    """The supervised-from-scratch baseline on the same label subsets as the probes."""
+    train, val, test = data
+    baseline = config.supervised_baseline
+    y_train = np.asarray(train.labels)
+    data_hash = hash_json(
+        [train.fingerprint(), val.fingerprint(), test.fingerprint(), baseline.model_dump(mode="json")]
+    )
+    records: list[ResultRecord] = []
+    for fraction in config.adapt.label_fractions:
+        for seed in config.adapt.seeds:
+            subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
+
+            def train_predict(subset: np.ndarray = subset, seed: int = seed) -> tuple[np.ndarray, int]:
+                model = SupervisedFromScratch(baseline, train.num_channels, n_classes, seed)
+                model.fit(train.subset(subset), val)
+                return model.predict_proba(test), len(subset)
+
+            key = {
+                "model": f"{baseline.backbone}-scratch",
+                "adapter": "supervised",
+                "label_fraction": fraction,
+                "seed": seed,
+            }
+            records += _evaluate_cell(config, key, data_hash, train_predict, np.asarray(test.labels), test.patient_ids)
+    return records
+
+
 def run_experiment(
     config: ExperimentConfig,
     resume: bool = True,
@@ -208,65 +283,12 @@ def run_experiment(
         f" x seeds {config.adapt.seeds}"
     )
     t0 = time.perf_counter()
-    records: list[ResultRecord] = []
-    for name, per_split in embeddings.items():
-        inputs_hash = hash_json(
-            [
-                weights_hash(encoders[name].backbone),
-                encoders[name].pool,
-                train.fingerprint(),
-                val.fingerprint(),
-                test.fingerprint(),
-                config.adapt.model_dump(mode="json"),
-            ]
-        )
-        for adapter_name in config.adapt.adapters:
-            for fraction in config.adapt.label_fractions:
-                for seed in config.adapt.seeds:
-                    subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
-
-                    def fit_predict(
-                        subset: np.ndarray = subset,
-                        adapter_name: str = adapter_name,
-                        per_split: dict[str, Embeddings] = per_split,
-                        seed: int = seed,
-                    ) -> tuple[np.ndarray, int]:
-                        adapter = create_adapter(adapter_name, config.adapt, seed, n_classes)
-                        adapter.fit(
-                            per_split["train"].features[subset],
-                            y_train[subset],
-                            per_split["val"].features,
-                            y_val,
-                        )
-                        return adapter.predict_proba(per_split["test"].features), len(subset)
-
-                    key = {"model": name, "adapter": adapter_name, "label_fraction": fraction, "seed": seed}
-                    records += _evaluate_cell(config, key, inputs_hash, fit_predict, y_test, test.patient_ids)
+    records = _probe_records(config, encoders, embeddings, (train, val, test), n_classes)
     durations["adapt"] = time.perf_counter() - t0
-
     if config.supervised_baseline.enabled:
+        echo(f"[4/4] supervised {config.supervised_baseline.backbone} from scratch on the same label budgets")
         t0 = time.perf_counter()
-        baseline = config.supervised_baseline
-        echo(f"[4/4] supervised {baseline.backbone} from scratch on the same label budgets")
-        data_hash = hash_json(
-            [train.fingerprint(), val.fingerprint(), test.fingerprint(), baseline.model_dump(mode="json")]
-        )
-        for fraction in config.adapt.label_fractions:
-            for seed in config.adapt.seeds:
-                subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
-
-                def train_predict(subset: np.ndarray = subset, seed: int = seed) -> tuple[np.ndarray, int]:
-                    model = SupervisedFromScratch(baseline, train.num_channels, n_classes, seed)
-                    model.fit(train.subset(subset), val)
-                    return model.predict_proba(test), len(subset)
-
-                key = {
-                    "model": f"{baseline.backbone}-scratch",
-                    "adapter": "supervised",
-                    "label_fraction": fraction,
-                    "seed": seed,
-                }
-                records += _evaluate_cell(config, key, data_hash, train_predict, y_test, test.patient_ids)
+        records += _scratch_records(config, (train, val, test), n_classes)
         durations["supervised_baseline"] = time.perf_counter() - t0
     durations["total"] = time.perf_counter() - started
 
