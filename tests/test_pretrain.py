@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import medfoundry.ssl.dino  # noqa: F401
+import medfoundry.ssl.methods  # noqa: F401
 from medfoundry.config import DinoConfig, PretrainConfig, ViewsConfig
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.models.backbones import create_encoder

@@ -41,6 +41,8 @@ class ModelConfig(StrictModel):
 class ViewsConfig(StrictModel):
     """Multi-crop views (lightly's DINOTransform). Defaults suit 1-channel 28 px ultrasound.
 
+    Two-view methods (SimCLR, MoCo v3, BYOL) use the global-crop fields only; the local-crop fields are DINO's.
+
     Crop scales are larger than DINO's ImageNet defaults: at 28 px a crop of a fifth of the image keeps too
     few pixels. On BreastMNIST, global 0.5-1 / local 0.2-0.5 beat 0.3-1 / 0.1-0.4 slightly at equal budget.
     """
@@ -82,8 +84,42 @@ class DinoConfig(StrictModel):
     freeze_last_layer_epochs: int = 1
 
 
+class SimCLRConfig(StrictModel):
+    """SimCLR: NT-Xent over two views with in-batch negatives.
+
+    The CPU trial on BreastMNIST found temperature 0.2 with batch 64 and AdamW lr 1e-3 good.
+    """
+
+    temperature: float = 0.2
+    hidden_dim: int = 512
+    out_dim: int = 128
+    num_layers: int = 2
+
+
+class MoCoV3Config(StrictModel):
+    """MoCo v3: query encoder with projection and prediction heads against an EMA key encoder."""
+
+    temperature: float = 0.2
+    hidden_dim: int = 512
+    out_dim: int = 128
+    projection_layers: int = 3
+    prediction_hidden_dim: int = 512
+    momentum_start: float = 0.99
+    momentum_end: float = 1.0
+
+
+class BYOLConfig(StrictModel):
+    """BYOL: online encoder with projection and prediction heads regressing an EMA target."""
+
+    hidden_dim: int = 512
+    out_dim: int = 128
+    prediction_hidden_dim: int = 512
+    momentum_start: float = 0.99
+    momentum_end: float = 1.0
+
+
 class PretrainConfig(StrictModel):
-    method: Literal["dino"] = "dino"
+    method: Literal["dino", "simclr", "mocov3", "byol"] = "dino"
     epochs: int = 20
     batch_size: int = 64
     lr: float = 5e-4
@@ -102,6 +138,9 @@ class PretrainConfig(StrictModel):
     tensorboard: bool = True
     views: ViewsConfig = ViewsConfig()
     dino: DinoConfig = DinoConfig()
+    simclr: SimCLRConfig = SimCLRConfig()
+    mocov3: MoCoV3Config = MoCoV3Config()
+    byol: BYOLConfig = BYOLConfig()
 
 
 class EmbedConfig(StrictModel):

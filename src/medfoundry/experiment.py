@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import medfoundry.ssl.dino  # noqa: F401  (registers the method)
+import medfoundry.ssl.methods  # noqa: F401  (registers the methods)
 from medfoundry.adapt.embed import Embeddings, embed
 from medfoundry.adapt.registry import create_adapter
 from medfoundry.adapt.supervised import SupervisedFromScratch

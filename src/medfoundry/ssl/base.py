@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import nn
 
 from medfoundry.config import PretrainConfig
@@ -37,6 +38,10 @@ class SSLMethod(nn.Module, ABC):
     """One SSL method: a loss over views, plus what happens around the optimiser step."""
 
     name: str = ""
+
+    @abstractmethod
+    def build_views(self, encoder: Encoder, config: PretrainConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
+        """The transform that turns one PIL image into this method's list of views."""
 
     @abstractmethod
     def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput: ...

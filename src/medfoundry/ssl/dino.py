@@ -16,12 +16,14 @@ from lightly.loss import DINOLoss, KoLeoLoss
 from lightly.loss.msn_loss import sinkhorn
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.transforms.dino_transform import DINOTransform
 from torch import nn
 
 from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
 from medfoundry.ssl.monitor import prediction_entropy
+from medfoundry.ssl.views import build_dino_views
 
 
 def cross_view_cross_entropy(
@@ -71,6 +73,10 @@ class DINO(SSLMethod):
             return DINOProjectionHead(
                 width, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim, freeze_last_layer=cfg.freeze_last_layer_epochs
             )
+
+    def build_views(self, encoder: Encoder, config: PretrainConfig) -> DINOTransform:
+        mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
+        return build_dino_views(config.views, encoder.in_chans, mean, std)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student, self.student_head]

@@ -24,13 +24,15 @@ class Schedules:
         self.weight_decay = np.array(
             [cosine_schedule(s, total, config.weight_decay, config.weight_decay_end) for s in range(total)]
         )
-        dino = config.dino
-        self.momentum = np.array(
-            [cosine_schedule(s, total, dino.momentum_start, dino.momentum_end) for s in range(total)]
-        )
-        temp_warmup = min(dino.warmup_teacher_temp_epochs * steps_per_epoch, total)
-        self.teacher_temp = np.full(total, dino.teacher_temp)
-        self.teacher_temp[:temp_warmup] = np.linspace(dino.warmup_teacher_temp, dino.teacher_temp, temp_warmup)
+        # Each method's own config section may carry an EMA momentum and a teacher temperature schedule.
+        method = getattr(config, config.method, None)
+        start, end = getattr(method, "momentum_start", 1.0), getattr(method, "momentum_end", 1.0)
+        self.momentum = np.array([cosine_schedule(s, total, start, end) for s in range(total)])
+        teacher_temp = getattr(method, "teacher_temp", 1.0)
+        self.teacher_temp = np.full(total, teacher_temp)
+        if hasattr(method, "warmup_teacher_temp"):
+            temp_warmup = min(method.warmup_teacher_temp_epochs * steps_per_epoch, total)
+            self.teacher_temp[:temp_warmup] = np.linspace(method.warmup_teacher_temp, teacher_temp, temp_warmup)
 
     def at(self, step: int) -> StepValues:
         return StepValues(

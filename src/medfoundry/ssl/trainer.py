@@ -35,7 +35,7 @@ from medfoundry.models.checkpoint import save_encoder
 from medfoundry.ssl.base import SSL_METHODS, SSLMethod
 from medfoundry.ssl.monitor import CollapseMonitor
 from medfoundry.ssl.schedules import Schedules
-from medfoundry.ssl.views import EpochBatchSampler, SeededViewDataset, build_dino_views
+from medfoundry.ssl.views import EpochBatchSampler, SeededViewDataset
 
 log = logging.getLogger("medfoundry.pretrain")
 
@@ -159,9 +159,7 @@ def pretrain(
         start_step, monitor.history = int(state["step"]), list(state["monitor"])
         log.info("resuming from step %d (%s)", start_step, state_path)
 
-    views = build_dino_views(
-        config.views, encoder.in_chans, encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
-    )
+    views = method.build_views(encoder, config)
     sampler = EpochBatchSampler(len(images), config.batch_size, config.epochs, config.seed, start_step)
     schedules = Schedules(config, sampler.steps_per_epoch)
     loader = DataLoader(
@@ -215,6 +213,9 @@ def pretrain(
                         if key not in ("step", "epoch"):
                             writer.add_scalar(f"pretrain/{key}", value, step)
             progress.update(task, completed=step, description=f"{config.method} loss {output.logs['loss']:.3f}")
+            if show_progress and not progress.console.is_terminal and step % max(1, schedules.total_steps // 10) == 0:
+                # No live bar in logs and CI: a line every tenth of the run instead.
+                log.info("step %d/%d loss %.3f", step, schedules.total_steps, output.logs["loss"])
             if step % config.checkpoint_every_steps == 0 or step == stop_at:
                 _save_state(state_path, method, optimizer, step, fingerprint, monitor.history)
             if config.stop_on_collapse and monitor.collapsed:

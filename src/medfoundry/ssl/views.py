@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from lightly.transforms.dino_transform import DINOTransform
+from lightly.transforms.dino_transform import DINOTransform, DINOViewTransform
+from lightly.transforms.multi_view_transform import MultiViewTransform
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
@@ -59,6 +60,40 @@ def build_dino_views(config: ViewsConfig, in_chans: int, mean: list[float], std:
         sigmas=tuple(config.blur_sigmas),
         solarization_prob=config.solarization_prob,
         normalize={"mean": list(mean), "std": list(std)},
+    )
+
+
+def build_two_views(config: ViewsConfig, in_chans: int, mean: list[float], std: list[float]) -> MultiViewTransform:
+    """Two views for SimCLR, MoCo v3 and BYOL, from the same fields as DINO's two global crops.
+
+    lightly's DINOViewTransform is used because, unlike SimCLR's and BYOL's view transforms, it takes the
+    full crop-scale range (and solarisation). As in DINO and BYOL, solarisation (off by default) applies to the
+    second view only. Both views get full-strength colour jitter (lightly's DINOTransform gives its second
+    global crop half strength, as it does not pass ``cj_strength`` on).
+    """
+    common = dict(
+        crop_size=config.global_crop_size,
+        crop_scale=tuple(config.global_crop_scale),
+        hf_prob=config.hflip_prob,
+        vf_prob=config.vflip_prob,
+        rr_prob=config.rotation_prob,
+        rr_degrees=config.rotation_degrees,
+        cj_prob=config.color_jitter_prob,
+        cj_strength=1.0,
+        cj_bright=config.brightness,
+        cj_contrast=config.contrast,
+        cj_sat=config.saturation if in_chans == 3 else 0.0,
+        cj_hue=config.hue if in_chans == 3 else 0.0,
+        random_gray_scale=0.0,
+        gaussian_blur=config.blur_prob,
+        sigmas=tuple(config.blur_sigmas),
+        normalize={"mean": list(mean), "std": list(std)},
+    )
+    return MultiViewTransform(
+        [
+            DINOViewTransform(**common, solarization_prob=0.0),
+            DINOViewTransform(**common, solarization_prob=config.solarization_prob),
+        ]
     )
 
 

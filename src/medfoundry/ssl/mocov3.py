@@ -1,0 +1,86 @@
+"""MoCo v3 over lightly's parts: MoCo v3 heads, EMA key encoder, two-view transform.
+
+The loss is MoCo v3's ``ctr``: InfoNCE of each query against the keys of the other view, with the other
+images of the batch as negatives, scaled by 2T. lightly's NTXentLoss is SimCLR's loss: it adds query-query
+negatives and key-anchored rows, which MoCo v3 does not have, so the few lines are written here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.transforms.multi_view_transform import MultiViewTransform
+from torch import nn
+
+from medfoundry.config import PretrainConfig
+from medfoundry.models.backbones import Encoder
+from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
+from medfoundry.ssl.views import build_two_views
+
+
+def moco_v3_contrastive(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each query's similarity to all keys, its own key being the positive (times 2T)."""
+    query, key = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
+    logits = query @ key.T / temperature
+    labels = torch.arange(query.shape[0], device=query.device)
+    return 2 * temperature * F.cross_entropy(logits, labels)
+
+
+@register_method("mocov3")
+class MoCoV3(SSLMethod):
+    def __init__(self, encoder: Encoder, config: PretrainConfig) -> None:
+        super().__init__()
+        cfg = config.mocov3
+        self.cfg = cfg
+        # Kept in a list so nn.Module does not register the backbone twice in the state dict.
+        self._template = [encoder]
+        self.backbone = encoder.backbone
+        width = int(encoder.backbone.num_features)
+        # MoCo v3: 3-layer projection and 2-layer prediction MLPs, batch norm in every layer.
+        self.projection = MoCoProjectionHead(
+            width, cfg.hidden_dim, cfg.out_dim, num_layers=cfg.projection_layers, batch_norm=True
+        )
+        self.prediction = MoCoProjectionHead(
+            cfg.out_dim, cfg.prediction_hidden_dim, cfg.out_dim, num_layers=2, batch_norm=True
+        )
+        self.momentum_backbone = copy.deepcopy(self.backbone)
+        self.momentum_projection = copy.deepcopy(self.projection)
+        deactivate_requires_grad(self.momentum_backbone)
+        deactivate_requires_grad(self.momentum_projection)
+
+    def build_views(self, encoder: Encoder, config: PretrainConfig) -> MultiViewTransform:
+        mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
+        return build_two_views(config.views, encoder.in_chans, mean, std)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.projection, self.prediction]
+
+    def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput:
+        # Each view through the encoders separately, as in MoCo v3's code (per-view batch-norm statistics).
+        features = [self.backbone(view) for view in views[:2]]
+        queries = [self.prediction(self.projection(f)) for f in features]
+        with torch.no_grad():
+            keys = [self.momentum_projection(self.momentum_backbone(view)) for view in views[:2]]
+        # The loss in fp32: under bf16 autocast, logits at temperature 0.2 lose too much precision.
+        with torch.autocast(views[0].device.type, enabled=False):
+            loss = moco_v3_contrastive(queries[0], keys[1], self.cfg.temperature) + moco_v3_contrastive(
+                queries[1], keys[0], self.cfg.temperature
+            )
+        return StepOutput(
+            loss=loss,
+            logs={"loss": float(loss.detach())},
+            monitor_features=features[0].detach(),
+            monitor_extra={},
+        )
+
+    def after_optimizer_step(self, values: StepValues) -> None:
+        update_momentum(self.backbone, self.momentum_backbone, m=values.momentum)
+        update_momentum(self.projection, self.momentum_projection, m=values.momentum)
+
+    def export_encoder(self) -> Encoder:
+        # MoCo v3 evaluates the base (query) encoder, not the momentum encoder (moco-v3 main_lincls.py).
+        return copy.deepcopy(self._template[0])
