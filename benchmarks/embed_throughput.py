@@ -130,7 +130,10 @@ def measure_throughput(encoder_dir: Path | None = None, reps: int = 3, batch_siz
     """img/s of ``embed()`` -> HDF5 and of the bare timm forward, and their ratio, on all BreastMNIST images."""
     from medfoundry.models.checkpoint import load_encoder
 
-    encoder = load_encoder(encoder_dir) if encoder_dir else create_encoder("vit_tiny_28", in_chans=1, seed=0)
+    # The bare side is timm's own forward, so compare on timm's own pooling.
+    encoder = (
+        load_encoder(encoder_dir, pool="default") if encoder_dir else create_encoder("vit_tiny_28", in_chans=1, seed=0)
+    )
     rows = {r["path"]: r for r in bench("encoder", encoder, all_images(DEFAULT_DATA), batch_size, reps)}
     ours, bare = float(rows["embed() -> HDF5"]["img_s"]), float(rows["bare timm forward"]["img_s"])
     return {"medfoundry": ours, "bare": bare, "ratio": ours / bare}

@@ -12,6 +12,7 @@ from torch import nn
 
 from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
+from medfoundry.ssl.views import build_two_views
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,10 @@ class SSLMethod(nn.Module, ABC):
 
     name: str = ""
 
-    @abstractmethod
     def build_views(self, encoder: Encoder, config: PretrainConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
-        """The transform that turns one PIL image into this method's list of views."""
+        """The transform that turns one PIL image into this method's list of views (two by default)."""
+        mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
+        return build_two_views(config.views, encoder.in_chans, mean, std)
 
     @abstractmethod
     def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput: ...

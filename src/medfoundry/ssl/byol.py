@@ -8,13 +8,11 @@ import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
-from medfoundry.ssl.views import build_two_views
 
 
 @register_method("byol")
@@ -32,10 +30,6 @@ class BYOL(SSLMethod):
         deactivate_requires_grad(self.target_backbone)
         deactivate_requires_grad(self.target_projection)
         self.criterion = NegativeCosineSimilarity()
-
-    def build_views(self, encoder: Encoder, config: PretrainConfig) -> MultiViewTransform:
-        mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
-        return build_two_views(config.views, encoder.in_chans, mean, std)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projection, self.prediction]

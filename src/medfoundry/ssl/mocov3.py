@@ -13,13 +13,11 @@ import torch
 import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
-from medfoundry.ssl.views import build_two_views
 
 
 def moco_v3_contrastive(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -51,10 +49,6 @@ class MoCoV3(SSLMethod):
         self.momentum_projection = copy.deepcopy(self.projection)
         deactivate_requires_grad(self.momentum_backbone)
         deactivate_requires_grad(self.momentum_projection)
-
-    def build_views(self, encoder: Encoder, config: PretrainConfig) -> MultiViewTransform:
-        mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
-        return build_two_views(config.views, encoder.in_chans, mean, std)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projection, self.prediction]

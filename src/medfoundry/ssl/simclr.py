@@ -7,13 +7,11 @@ import copy
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
-from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
 from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
-from medfoundry.ssl.views import build_two_views
 
 
 @register_method("simclr")
@@ -28,10 +26,6 @@ class SimCLR(SSLMethod):
             int(encoder.backbone.num_features), cfg.hidden_dim, cfg.out_dim, num_layers=cfg.num_layers
         )
         self.criterion = NTXentLoss(temperature=cfg.temperature)
-
-    def build_views(self, encoder: Encoder, config: PretrainConfig) -> MultiViewTransform:
-        mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
-        return build_two_views(config.views, encoder.in_chans, mean, std)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projection]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,15 @@ def build_dino_views(config: ViewsConfig, in_chans: int, mean: list[float], std:
         local_crop_size=config.local_crop_size,
         local_crop_scale=tuple(config.local_crop_scale),
         n_local_views=config.n_local_views,
+        gaussian_blur=(config.blur_prob, config.blur_prob, config.blur_prob),
+        solarization_prob=config.solarization_prob,
+        **_shared_view_kwargs(config, in_chans, mean, std),
+    )
+
+
+def _shared_view_kwargs(config: ViewsConfig, in_chans: int, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """Flip, rotation, jitter, blur and normalisation arguments common to lightly's DINO view transforms."""
+    return dict(
         hf_prob=config.hflip_prob,
         vf_prob=config.vflip_prob,
         rr_prob=config.rotation_prob,
@@ -56,9 +66,7 @@ def build_dino_views(config: ViewsConfig, in_chans: int, mean: list[float], std:
         cj_sat=config.saturation if in_chans == 3 else 0.0,
         cj_hue=config.hue if in_chans == 3 else 0.0,
         random_gray_scale=0.0,
-        gaussian_blur=(config.blur_prob, config.blur_prob, config.blur_prob),
         sigmas=tuple(config.blur_sigmas),
-        solarization_prob=config.solarization_prob,
         normalize={"mean": list(mean), "std": list(std)},
     )
 
@@ -74,20 +82,8 @@ def build_two_views(config: ViewsConfig, in_chans: int, mean: list[float], std: 
     common = dict(
         crop_size=config.global_crop_size,
         crop_scale=tuple(config.global_crop_scale),
-        hf_prob=config.hflip_prob,
-        vf_prob=config.vflip_prob,
-        rr_prob=config.rotation_prob,
-        rr_degrees=config.rotation_degrees,
-        cj_prob=config.color_jitter_prob,
-        cj_strength=1.0,
-        cj_bright=config.brightness,
-        cj_contrast=config.contrast,
-        cj_sat=config.saturation if in_chans == 3 else 0.0,
-        cj_hue=config.hue if in_chans == 3 else 0.0,
-        random_gray_scale=0.0,
         gaussian_blur=config.blur_prob,
-        sigmas=tuple(config.blur_sigmas),
-        normalize={"mean": list(mean), "std": list(std)},
+        **_shared_view_kwargs(config, in_chans, mean, std),
     )
     return MultiViewTransform(
         [
