@@ -42,6 +42,7 @@ class ViewsConfig(StrictModel):
     """Multi-crop views (lightly's DINOTransform). Defaults suit 1-channel 28 px ultrasound.
 
     Two-view methods (SimCLR, MoCo v3, BYOL) use the global-crop fields only; the local-crop fields are DINO's.
+    MAE uses one view: a global crop (size and scale) with horizontal flip, nothing else.
 
     Crop scales are larger than DINO's ImageNet defaults: at 28 px a crop of a fifth of the image keeps too
     few pixels. On BreastMNIST, global 0.5-1 / local 0.2-0.5 beat 0.3-1 / 0.1-0.4 slightly at equal budget.
@@ -118,8 +119,22 @@ class BYOLConfig(StrictModel):
     momentum_end: float = 1.0
 
 
+class MAEConfig(StrictModel):
+    """MAE (as in RETFound): a ViT encodes the kept patches of one view, a small decoder predicts the masked ones.
+
+    Mask ratio and per-patch normalised targets as in MAE; the decoder is much smaller than MAE's (512 wide,
+    8 blocks) so that 28 px images train on a CPU.
+    """
+
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+
+
 class PretrainConfig(StrictModel):
-    method: Literal["dino", "simclr", "mocov3", "byol"] = "dino"
+    method: Literal["dino", "simclr", "mocov3", "byol", "mae"] = "dino"
     epochs: int = 20
     batch_size: int = 64
     lr: float = 5e-4
@@ -141,6 +156,7 @@ class PretrainConfig(StrictModel):
     simclr: SimCLRConfig = SimCLRConfig()
     mocov3: MoCoV3Config = MoCoV3Config()
     byol: BYOLConfig = BYOLConfig()
+    mae: MAEConfig = MAEConfig()
 
 
 class EmbedConfig(StrictModel):

@@ -1,0 +1,158 @@
+"""MAE (masked autoencoder, as in RETFound) over lightly's parts: masked ViT encoder, ViT decoder, one-view transform.
+
+The encoder sees only the kept patches of one view; a small ViT decoder fills in mask tokens and predicts the
+pixels of the masked patches, scored by mean squared error on those patches alone (with per-patch normalised
+targets, MAE's ``norm_pix_loss``). 2D ViT backbones only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from lightly.models import utils
+from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+from lightly.models.modules.masked_vision_transformer_timm import init_weights
+from lightly.transforms.multi_view_transform import MultiViewTransform
+from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from medfoundry.config import PretrainConfig
+from medfoundry.errors import ModelError
+from medfoundry.models.backbones import Encoder, is_vit
+from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
+from medfoundry.ssl.views import seeded_rng
+
+
+def build_mae_view(config: PretrainConfig, mean: list[float], std: list[float]) -> MultiViewTransform:
+    """One view per image, as in MAE: random resized crop (bicubic), horizontal flip, normalisation.
+
+    lightly's MAETransform has the same steps but fixes the crop's upper scale at 1 and the flip at 0.5, so its
+    steps are composed here from ``config.views`` instead.
+    """
+    views = config.views
+    return MultiViewTransform(
+        [
+            T.Compose(
+                [
+                    T.RandomResizedCrop(
+                        views.global_crop_size,
+                        scale=tuple(views.global_crop_scale),
+                        interpolation=T.InterpolationMode.BICUBIC,
+                    ),
+                    T.RandomHorizontalFlip(p=views.hflip_prob),
+                    T.ToTensor(),
+                    T.Normalize(mean=list(mean), std=list(std)),
+                ]
+            )
+        ]
+    )
+
+
+@register_method("mae")
+class MAE(SSLMethod):
+    def __init__(self, encoder: Encoder, config: PretrainConfig) -> None:
+        super().__init__()
+        cfg = config.mae
+        backbone = encoder.backbone
+        if not is_vit(backbone) or not isinstance(backbone, VisionTransformer):
+            raise ModelError(
+                f"MAE needs a ViT backbone; got {encoder.timm_name} ({type(backbone).__name__}). "
+                "Use a timm VisionTransformer, e.g. the vit_tiny_28 preset, or another SSL method for CNNs."
+            )
+        patch = tuple(backbone.patch_embed.patch_size)
+        if patch[0] != patch[1]:
+            raise ModelError(f"MAE needs square patches; {encoder.timm_name} has patches of {patch}")
+        crop = config.views.global_crop_size
+        if crop % patch[0] != 0:
+            raise ModelError(f"MAE needs views.global_crop_size ({crop}) to be a multiple of the patch size {patch[0]}")
+        if not getattr(backbone, "dynamic_img_size", False) and encoder.img_size not in (None, crop):
+            raise ModelError(
+                f"MAE crops of {crop} px do not fit this ViT built for {encoder.img_size} px without "
+                "dynamic_img_size; set views.global_crop_size to the image size"
+            )
+        self.seed = config.seed
+        self.mask_ratio = cfg.mask_ratio
+        self.norm_pix_loss = cfg.norm_pix_loss
+        self.patch_size = int(patch[0])
+        self.num_patches = (crop // self.patch_size) ** 2
+        self.num_prefix = int(backbone.num_prefix_tokens)
+        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            raise ModelError(f"mask_ratio {self.mask_ratio} keeps no patch of {self.num_patches}; lower it")
+        # Kept in a list so nn.Module does not register the backbone twice in the state dict.
+        self._template = [encoder]
+        # The wrapper holds the encoder's own ViT (not a copy), so training it trains the exported encoder.
+        # Initialisation is skipped ('skip', not MAE's xavier weights and fixed sine-cosine position embedding):
+        # pre-training then starts from the same network as the random-weights baseline built with the same seed,
+        # and the position embedding stays learnable, as the exported ViT expects.
+        self.encoder = MaskedVisionTransformerTIMM(
+            vit=backbone, weight_initialization="skip", pos_embed_initialization="skip"
+        )
+        self.encoder.mask_token.requires_grad_(False)  # unused: MAE drops masked patches, it does not replace them
+        width = int(backbone.embed_dim)
+        # lightly's MaskedVisionTransformerDecoderTIMM keeps the input embedding and the pixel prediction head
+        # outside the decoder (unlike the deprecated MAEDecoderTIMM), so those two linear layers are here,
+        # initialised as MAE does (xavier uniform, zero bias).
+        self.decoder_embed = nn.Linear(width, cfg.decoder_dim)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=self.num_patches,
+            embed_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+            num_prefix_tokens=self.num_prefix,
+        )
+        self.decoder_pred = nn.Linear(cfg.decoder_dim, self.patch_size**2 * encoder.in_chans)
+        self.decoder_embed.apply(init_weights)
+        self.decoder_pred.apply(init_weights)
+
+    def build_views(self, encoder: Encoder, config: PretrainConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
+        return build_mae_view(config, encoder.mean.flatten().tolist(), encoder.std.flatten().tolist())
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.encoder.vit, self.decoder_embed, self.decoder, self.decoder_pred]
+
+    def _mask(self, batch_size: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices (into the token sequence, prefix tokens first) of kept and of masked tokens, per sample.
+
+        Drawn from a generator seeded by (run seed, step) on the CPU, so a resumed run, any device and any
+        number of workers mask the same patches at the same step. Prefix tokens (CLS, registers) are always kept.
+        """
+        with seeded_rng(self.seed, step):
+            keep, mask = utils.random_token_mask((batch_size, self.num_patches), self.mask_ratio, mask_class_token=True)
+        prefix = torch.arange(self.num_prefix).expand(batch_size, -1)
+        keep = torch.cat([prefix, keep + self.num_prefix], dim=1)
+        return keep.to(device), (mask + self.num_prefix).to(device)
+
+    def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput:
+        images = views[0]
+        batch_size = images.shape[0]
+        if images.shape[-1] != images.shape[-2] or (images.shape[-1] // self.patch_size) ** 2 != self.num_patches:
+            raise ModelError(f"MAE was built for {self.num_patches} patches; got a view of {tuple(images.shape[1:])}")
+        idx_keep, idx_mask = self._mask(batch_size, values.step, images.device)
+
+        # Only the kept tokens go through the encoder (after position embeddings, resampled by dynamic_img_size).
+        encoded = self.encoder.encode(images, idx_keep=idx_keep)
+        embedded = self.decoder_embed(encoded)
+        # Mask tokens everywhere, then the encoded tokens back at their places; the decoder adds its positions.
+        tokens = utils.repeat_token(self.decoder.mask_token, (batch_size, self.num_prefix + self.num_patches))
+        tokens = utils.set_at_index(tokens, idx_keep, embedded.type_as(tokens))
+        decoded = self.decoder(tokens)
+        predicted = self.decoder_pred(utils.get_at_index(decoded, idx_mask))
+
+        # Pixel targets from the normalised view, patch order as the ViT's tokens (row-major).
+        target = utils.get_at_index(utils.patchify(images, self.patch_size), idx_mask - self.num_prefix)
+        with torch.autocast(images.device.type, enabled=False):
+            target = target.float()
+            if self.norm_pix_loss:
+                target = utils.normalize_mean_var(target, dim=-1)
+            loss = nn.functional.mse_loss(predicted.float(), target)
+        # Monitored: the mean of the encoded kept patch tokens (prefix tokens left out).
+        features = encoded[:, self.num_prefix :].mean(dim=1).detach()
+        return StepOutput(loss=loss, logs={"loss": float(loss.detach())}, monitor_features=features, monitor_extra={})
+
+    def export_encoder(self) -> Encoder:
+        # The encoder's ViT is the module the masked wrapper trained; the decoder is dropped, as in MAE.
+        return copy.deepcopy(self._template[0])
