@@ -198,3 +198,13 @@ def test_mixed_split_and_class_folders(tmp_path: Path) -> None:
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "b").mkdir()
     _expect_error(lambda: load_image_folder(tmp_path), tmp_path, "mixes split folders")
+
+
+def test_channels_option_converts_rgb_xrays_to_grey(kermany: dict[str, list[Path]]) -> None:
+    root = kermany["NORMAL"][0].parents[1]
+    rgb = load_image_folder(root)["train"]
+    grey = load_image_folder(root, channels=1, image_size=64)["train"]
+    assert rgb.load(0).shape == (3, 224, 224) and grey.load(0).shape == (1, 64, 64)
+    assert grey.fingerprint() != load_image_folder(root, image_size=64)["train"].fingerprint()
+    with pytest.raises(DataError, match="channels must be 1"):
+        load_image_folder(root, channels=2)

@@ -44,13 +44,17 @@ def test_unknown_prefix_and_unknown_file(tmp_path: Path) -> None:
 def test_register_new_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("medfoundry.data.registry.READERS", dict(READERS))
 
-    @register_reader("nifti", suffixes=(".nii.gz",))
+    # A made-up format (nifti, the docstring's example, is a real reader now).
+    @register_reader("testvol", suffixes=(".test.gz",))
     def _read(path: Path, **kwargs: object) -> Splits:
         return {}
 
-    volume = tmp_path / "ct.nii.gz"
+    volume = tmp_path / "ct.test.gz"
     volume.write_bytes(b"")
-    assert resolve_reader(volume)[0].prefix == "nifti"
-    assert resolve_reader("nifti:ct.nii.gz")[1] == Path("ct.nii.gz")
+    assert resolve_reader(volume)[0].prefix == "testvol"
+    assert resolve_reader("testvol:ct.test.gz")[1] == Path("ct.test.gz")
     with pytest.raises(ValueError):
-        register_reader("nifti")(_read)
+        register_reader("testvol")(_read)
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"")
+    assert resolve_reader(scan)[0].prefix == "nifti"

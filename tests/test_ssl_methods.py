@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import medfoundry.ssl.methods  # noqa: F401
 from medfoundry.adapt.embed import extract_features
-from medfoundry.config import DinoConfig, PretrainConfig, ViewsConfig
+from medfoundry.config import DinoConfig, IBOTConfig, PretrainConfig, ViewsConfig
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.models.backbones import create_encoder
 from medfoundry.models.checkpoint import load_encoder
@@ -35,6 +35,11 @@ METHODS: dict[str, dict] = {
         lr=5e-4,
         views=ViewsConfig(n_local_views=2),
         dino=DinoConfig(out_dim=128, hidden_dim=64, bottleneck_dim=32, warmup_teacher_temp_epochs=1),
+    ),
+    "ibot": dict(
+        lr=5e-4,
+        views=ViewsConfig(n_local_views=2),
+        ibot=IBOTConfig(out_dim=128, hidden_dim=64, bottleneck_dim=32, warmup_teacher_temp_epochs=1),
     ),
     "simclr": dict(lr=1e-3),
     "mocov3": dict(lr=1e-3),

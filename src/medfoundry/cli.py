@@ -80,21 +80,40 @@ def run(
     console.print(f"Took {out.durations['total']:.0f} s")
 
 
+def pretrain_overrides(domain: str | None, stop_on_collapse: bool, overrides: list[str] | None) -> list[str]:
+    """The pretrain command's options as dotted overrides, placed first so that ``-s`` overrides still win."""
+    values = [f"pretrain.views.domain={domain}"] if domain is not None else []
+    if stop_on_collapse:
+        values.append("pretrain.stop_on_collapse=true")
+    return [*values, *(overrides or [])]
+
+
 @app.command()
 def pretrain(
     config: ConfigArg = None,
     overrides: OverridesOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="output folder")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue from the last checkpoint")] = True,
+    domain: Annotated[
+        str | None,
+        typer.Option(
+            "--domain",
+            help="view preset: natural, pathology, radiology or ophthalmology (docs/views.md); "
+            "-s pretrain.views.<field>=... overrides single fields",
+        ),
+    ] = None,
+    stop_on_collapse: Annotated[
+        bool, typer.Option("--stop-on-collapse", help="stop when the collapse monitor fires")
+    ] = False,
 ) -> None:
     """SSL pre-training only; writes <output>/pretrain/encoder (a checkpoint folder)."""
-    from medfoundry.experiment import load_splits, run_pretraining
+    from medfoundry.experiment import run_pretraining
 
-    cfg = _experiment_config(config, overrides, output)
+    cfg = _experiment_config(config, pretrain_overrides(domain, stop_on_collapse, overrides), output)
     state = cfg.output_dir / "pretrain" / "state" / "last.pt"
     if not resume and state.exists():
         state.unlink()
-    result = run_pretraining(cfg, load_splits(cfg), resume=resume)
+    result = run_pretraining(cfg, resume=resume)
     status = "finished" if result.finished else f"stopped at step {result.steps}/{result.total_steps}"
     console.print(
         f"{status}; {result.images_per_second:.1f} img/s; encoder: {result.encoder_dir if result.finished else '-'}"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medfoundry.errors import MedfoundryError
 
@@ -21,12 +21,25 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PretrainSourceConfig(StrictModel):
+    """One unlabeled source in a pre-training mixture."""
+
+    source: str = Field(description="dataset spec: file.npz, folder, slide.svs, or prefix:path")
+    split: str = "train"
+    weight: float = Field(1.0, gt=0, description="share of each epoch's draws, relative to the other sources")
+    options: dict[str, Any] = Field(default_factory=dict, description="reader arguments, e.g. {tile_size: 224}")
+
+
 class DataConfig(StrictModel):
     """Where images come from (see ``medfoundry.data.registry``)."""
 
     source: str = Field("data/breastmnist/breastmnist.npz", description="npz / csv / folder, or prefix:path")
     task: str = Field("breastmnist", description="name used in results and report")
     pretrain_split: str = Field("train", description="split whose images (not labels) are used for SSL")
+    pretrain_sources: list[PretrainSourceConfig] = Field(
+        default_factory=list,
+        description="pre-train on these sources mixed by weight instead of source/pretrain_split",
+    )
 
 
 class ModelConfig(StrictModel):
@@ -65,6 +78,38 @@ class ViewsConfig(StrictModel):
     blur_prob: float = 0.2
     blur_sigmas: tuple[float, float] = (0.1, 1.0)
     solarization_prob: float = 0.0
+    # Domain presets (medfoundry.transforms.presets, docs/views.md) fill in the fields not set explicitly.
+    # Frozen: the preset is applied when the config is built, so a later assignment could not re-apply it.
+    domain: Literal["natural", "pathology", "radiology", "ophthalmology"] = Field(
+        "natural", frozen=True, description="view preset; 'natural' keeps the views above unchanged"
+    )
+    rot90_prob: float = Field(0.0, ge=0.0, le=1.0, description="90-degree rotation; with both flips at 0.5, all 8")
+    hed_scale: float = Field(0.0, ge=0.0, description="H&E stain density scale jitter: alpha ~ U(1-s, 1+s)")
+    hed_shift: float = Field(0.0, ge=0.0, description="H&E stain density shift jitter: beta ~ U(-s, s)")
+    window_level_shift: float = Field(0.0, ge=0.0, description="grey window centre shift, a fraction of the range")
+    window_width_range: tuple[float, float] = Field((1.0, 1.0), description="grey window width factor range")
+    gamma_range: tuple[float, float] = Field((1.0, 1.0), description="gamma range, drawn log-uniformly")
+    affine_translate: float = Field(0.0, ge=0.0, le=1.0, description="random shift, a fraction of the crop size")
+    affine_scale: tuple[float, float] = Field((1.0, 1.0), description="random zoom range after the crop")
+    fov_mask: bool = Field(False, description="keep the circular field of view of fundus photos (black outside)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_domain_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("domain", "natural") == "natural":
+            return data
+        from medfoundry.transforms.presets import DOMAIN_PRESETS  # here: keeps the config's imports light
+
+        # An unknown domain is left to the field's own validation, which names the choices.
+        return {**DOMAIN_PRESETS.get(data["domain"], {}), **data}
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> ViewsConfig:
+        for name in ("window_width_range", "gamma_range", "affine_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got ({low}, {high})")
+        return self
 
 
 class DinoConfig(StrictModel):
@@ -83,6 +128,22 @@ class DinoConfig(StrictModel):
     momentum_start: float = 0.99
     momentum_end: float = 1.0
     freeze_last_layer_epochs: int = 1
+
+
+class IBOTConfig(DinoConfig):
+    """iBOT / DINOv2-style: DINO on the CLS token plus masked-patch self-distillation (ViT only).
+
+    The student sees block-masked global crops and predicts, at each masked position, the teacher's prototype
+    distribution for the unmasked patch. Masking follows DINOv2 (a share of images masked, 10-50% of their
+    patches in blocks); the patch prototypes go through the same head as the CLS token unless
+    ``separate_patch_head`` (iBOT shares it, DINOv2 separates them).
+    """
+
+    patch_loss_weight: float = 1.0
+    separate_patch_head: bool = False
+    mask_sample_ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of global crops that are masked")
+    mask_ratio_min: float = Field(0.1, ge=0.0, lt=1.0)
+    mask_ratio_max: float = Field(0.5, gt=0.0, lt=1.0)
 
 
 class SimCLRConfig(StrictModel):
@@ -134,7 +195,7 @@ class MAEConfig(StrictModel):
 
 
 class PretrainConfig(StrictModel):
-    method: Literal["dino", "simclr", "mocov3", "byol", "mae"] = "dino"
+    method: Literal["dino", "ibot", "simclr", "mocov3", "byol", "mae"] = "dino"
     epochs: int = 20
     batch_size: int = 64
     lr: float = 5e-4
@@ -153,6 +214,7 @@ class PretrainConfig(StrictModel):
     tensorboard: bool = True
     views: ViewsConfig = ViewsConfig()
     dino: DinoConfig = DinoConfig()
+    ibot: IBOTConfig = IBOTConfig()
     simclr: SimCLRConfig = SimCLRConfig()
     mocov3: MoCoV3Config = MoCoV3Config()
     byol: BYOLConfig = BYOLConfig()

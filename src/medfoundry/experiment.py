@@ -23,6 +23,7 @@ from medfoundry.adapt.embed import Embeddings, embed
 from medfoundry.adapt.registry import create_adapter
 from medfoundry.adapt.supervised import SupervisedFromScratch
 from medfoundry.config import ExperimentConfig, dump_config
+from medfoundry.data.mixture import MixedImageSet, MixtureSource
 from medfoundry.data.registry import load_dataset
 from medfoundry.data.sample import ImageSet, Splits
 from medfoundry.data.splits import label_fraction_indices
@@ -84,22 +85,48 @@ def build_encoder(config: ExperimentConfig) -> Encoder:
     )
 
 
-def run_pretraining(
-    config: ExperimentConfig, splits: Splits, resume: bool = True, show_progress: bool = True
-) -> PretrainResult:
-    images = splits[config.data.pretrain_split]
+def _unlabeled(images: ImageSet) -> ImageSet:
     # Pre-training sees images only: labels are dropped so no label can leak into the SSL stage.
     unlabeled = images.subset(np.arange(len(images)), name=f"{images.name}-unlabeled")
     unlabeled.labels = None
+    return unlabeled
+
+
+def pretrain_images(config: ExperimentConfig, splits: Splits | None = None) -> tuple[ImageSet, str]:
+    """The unlabeled images pre-training uses, and a description for the model card.
+
+    Either ``data.pretrain_split`` of ``data.source`` (from ``splits`` when given), or the weighted mixture of
+    ``data.pretrain_sources``. Only the splits used here need to exist, so a folder of unlabeled images or a slide
+    can be pre-trained on alone.
+    """
+    data = config.data
+    if data.pretrain_sources:
+        sources = []
+        for entry in data.pretrain_sources:
+            found = load_dataset(entry.source, **entry.options)
+            if entry.split not in found:
+                raise DataError(f"no split '{entry.split}' (found {sorted(found)})", entry.source)
+            sources.append(MixtureSource(_unlabeled(found[entry.split]), entry.weight, f"{entry.source}:{entry.split}"))
+        mixture = MixedImageSet(sources, channels=config.model.in_chans, name="pretrain-mixture")
+        return mixture, f"mixture of {mixture.describe()}; labels unused"
+    splits = splits if splits is not None else load_dataset(data.source)
+    if data.pretrain_split not in splits:
+        raise DataError(f"no split '{data.pretrain_split}' to pre-train on (found {sorted(splits)})", data.source)
+    images = splits[data.pretrain_split]
+    return _unlabeled(images), f"{data.source} split '{data.pretrain_split}' ({len(images)} images, labels unused)"
+
+
+def run_pretraining(
+    config: ExperimentConfig, splits: Splits | None = None, resume: bool = True, show_progress: bool = True
+) -> PretrainResult:
+    images, description = pretrain_images(config, splits)
     return pretrain(
-        unlabeled,
+        images,
         build_encoder(config),
         config.pretrain,
         config.output_dir / "pretrain",
         resume=resume,
-        data_description=(
-            f"{config.data.source} split '{config.data.pretrain_split}' ({len(images)} images, labels unused)"
-        ),
+        data_description=description,
         show_progress=show_progress,
     )
 

@@ -84,9 +84,16 @@ def prepare_batch(encoder: Encoder, batch: torch.Tensor, source: str = "") -> to
             batch = batch.expand(-1, 3, *batch.shape[2:])  # grey to RGB encoders: replicate the channel
         else:
             raise DataError(f"images have {batch.shape[1]} channels but the encoder expects {encoder.in_chans}", source)
+    if (batch.ndim == 5) != encoder.is_3d:
+        kind = "a 3D encoder (e.g. vit3d_tiny_28)" if batch.ndim == 5 else "a 2D encoder"
+        raise DataError(f"images of shape {tuple(batch.shape[1:])} need {kind}", source)
     x = encoder.normalize(batch)
     size = encoder.img_size
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
+    if size is not None and x.ndim == 5:
+        if tuple(x.shape[-3:]) != (size,) * 3:
+            # PyTorch has no anti-aliased 3D resize; volumes are usually cut at the encoder's size anyway.
+            x = F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
+    elif size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x
 

@@ -45,7 +45,10 @@ class FileImageSet(ImageSet):
         labels: np.ndarray | None = None,
         class_names: list[str] | None = None,
         image_size: ImageSize | None = None,
+        channels: int | None = None,
     ) -> None:
+        if channels not in (None, 1, 3):
+            raise DataError(f"channels must be 1 (grey) or 3 (RGB), got {channels}", source)
         if not (len(paths) == len(ids) == len(patient_ids)) or (labels is not None and len(labels) != len(ids)):
             raise ValueError("paths, ids, patient_ids and labels must have the same length")
         self.name = name
@@ -56,9 +59,10 @@ class FileImageSet(ImageSet):
         self.labels = labels
         self.class_names = class_names
         self.image_size = _as_hw(image_size)
+        self.channels = channels
 
     def load(self, index: int) -> np.ndarray:
-        return read_image(self.paths[index], self.image_size)
+        return read_image(self.paths[index], self.image_size, self.channels)
 
     def fingerprint(self) -> str:
         """Hash of paths, file sizes, modification times, ids, labels and the resize setting.
@@ -78,14 +82,19 @@ class FileImageSet(ImageSet):
         if self.labels is not None:
             digest.update(np.ascontiguousarray(self.labels).tobytes())
         digest.update(repr(self.image_size).encode())
+        if self.channels is not None:
+            digest.update(f"channels={self.channels}".encode())
         return digest.hexdigest()[:16]
 
 
-def read_image(path: Path, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read one image file as uint8 ``(C, H, W)`` with C = 1 (grayscale) or 3 (colour)."""
+def read_image(path: Path, image_size: tuple[int, int] | None = None, channels: int | None = None) -> np.ndarray:
+    """Read one image file as uint8 ``(C, H, W)`` with C = 1 (grayscale) or 3 (colour), or as ``channels``."""
     try:
         with Image.open(path) as image:
             image = _to_8bit(image)
+            if channels is not None:
+                # Grey X-rays are often saved as RGB with three equal channels; a 1-channel model wants one.
+                image = image.convert("L" if channels == 1 else "RGB")
             if image_size is not None:
                 # PIL takes (width, height); image_size is (height, width) like the arrays.
                 image = image.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
@@ -119,6 +128,7 @@ def load_manifest(
     patient_column: str = "patient_id",
     split_column: str = "split",
     image_size: ImageSize | None = None,
+    channels: int | None = None,
 ) -> Splits:
     """Load images listed in a CSV with columns ``path,label[,patient_id][,split]``.
 
@@ -127,7 +137,8 @@ def load_manifest(
     unique. A missing ``patient_id`` column (or empty cell) uses the sample id; a missing ``split`` column
     puts every row in ``train``. Integer labels are kept; any other labels are class names, mapped to
     indices in sorted order and stored in ``class_names`` on every split. ``label_column=None`` reads an
-    unlabelled manifest (for self-supervised pre-training).
+    unlabelled manifest (for self-supervised pre-training). ``channels`` (1 or 3) converts every image to grey or
+    RGB; by default each file keeps its own.
 
     Raises:
         DataError: missing file or column, empty label/split cell, a path that does not exist.
@@ -150,10 +161,14 @@ def load_manifest(
     class_names: list[str] | None = None
     if label_column:
         labels, class_names = _encode_labels([row[label_column] for row in rows], csv_path)
-    return _group_by_split(csv_path.stem, csv_path, paths, ids, patients, splits, labels, class_names, image_size)
+    return _group_by_split(
+        csv_path.stem, csv_path, paths, ids, patients, splits, labels, class_names, image_size, channels
+    )
 
 
-def load_image_folder(root: str | Path, *, image_size: ImageSize | None = None) -> Splits:
+def load_image_folder(
+    root: str | Path, *, image_size: ImageSize | None = None, channels: int | None = None
+) -> Splits:
     """Load ``root/<class>/*.{png,jpg,jpeg,tif,tiff,bmp}`` or ``root/<split>/<class>/...``.
 
     The split layout is used when any of ``train``, ``val`` or ``test`` exists under ``root``. Class
@@ -180,7 +195,7 @@ def load_image_folder(root: str | Path, *, image_size: ImageSize | None = None) 
         ids = [path.relative_to(split_dirs[split]).with_suffix("").as_posix() for path in paths]
         labels = np.array([label for _, label in entries], dtype=np.int64)
         splits[split] = FileImageSet(
-            f"{root.name}:{split}", root, paths, ids, list(ids), labels, class_names, image_size
+            f"{root.name}:{split}", root, paths, ids, list(ids), labels, class_names, image_size, channels
         )
     return splits
 
@@ -259,6 +274,7 @@ def _group_by_split(
     labels: np.ndarray | None,
     class_names: list[str] | None,
     image_size: ImageSize | None,
+    channels: int | None = None,
 ) -> Splits:
     # Known splits come first in their usual order, any custom split names after them.
     order = [s for s in SPLIT_NAMES if s in splits] + sorted(set(splits) - set(SPLIT_NAMES))
@@ -274,6 +290,7 @@ def _group_by_split(
             labels=None if labels is None else labels[rows],
             class_names=class_names,
             image_size=image_size,
+            channels=channels,
         )
     return result
 

@@ -17,7 +17,10 @@ from typing import Any
 
 from medfoundry.data.manifest import load_image_folder, load_manifest
 from medfoundry.data.medmnist import load_medmnist_npz
+from medfoundry.data.nifti import SUFFIXES as NIFTI_SUFFIXES
+from medfoundry.data.nifti import load_nifti_crops
 from medfoundry.data.sample import Splits
+from medfoundry.data.wsi import SLIDE_SUFFIXES, load_wsi_tiles
 from medfoundry.errors import DataError
 
 Reader = Callable[..., Splits]
@@ -102,3 +105,14 @@ def _read_csv(path: Path, **kwargs: Any) -> Splits:
 @register_reader("folder", directories=True)
 def _read_folder(path: Path, **kwargs: Any) -> Splits:
     return load_image_folder(path, **kwargs)
+
+
+@register_reader("wsi", suffixes=SLIDE_SUFFIXES)
+def _read_wsi(path: Path, **kwargs: Any) -> Splits:
+    return load_wsi_tiles(path, **kwargs)
+
+
+# Folders of volumes need the prefix ("nifti:scans/"): an unprefixed folder stays the image-folder reader's.
+@register_reader("nifti", suffixes=NIFTI_SUFFIXES)
+def _read_nifti(path: Path, **kwargs: Any) -> Splits:
+    return load_nifti_crops(path, **kwargs)

@@ -3,6 +3,8 @@
 A preset is a named set of timm keyword arguments (like timm's own registry of decorated builders), so a
 recipe can say ``vit_tiny_28`` and still end up with a plain timm ``VisionTransformer`` that timm can
 rebuild from ``config.json`` alone. Any timm model name works too, with any input size and channel count.
+The ``vit3d_*`` presets are the one exception: timm has no 3D ViT, so they build medfoundry's MONAI-based
+:class:`~medfoundry.models.vit3d.ViT3D`, named ``medfoundry.vit3d`` in ``config.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from medfoundry.errors import ModelError
+from medfoundry.models.vit3d import VIT3D_ARCHITECTURE, ViT3D
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class BackbonePreset:
 
 
 BACKBONE_PRESETS: dict[str, BackbonePreset] = {}
+# Architectures medfoundry builds itself because timm has none (keyword arguments as in config.json).
+NON_TIMM_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {VIT3D_ARCHITECTURE: ViT3D}
 
 
 def register_preset(name: str, timm_name: str, description: str = "", **kwargs: Any) -> None:
@@ -50,6 +55,38 @@ register_preset(
     patch_size=8,
     depth=6,
 )
+# 3D: 64 tokens per volume (as the 2D presets' 49) keeps volumes trainable on a CPU: on one core, forward and
+# backward run at about 88 volumes/s for 28^3 with 7-voxel patches, against 12/s with 4-voxel patches (343 tokens).
+register_preset(
+    "vit3d_tiny_28",
+    VIT3D_ARCHITECTURE,
+    "3D ViT (MONAI blocks), dim 192, depth 6, 3 heads, 7-voxel patches, for 28^3 volumes (MedMNIST-3D)",
+    img_size=28,
+    patch_size=7,
+    embed_dim=192,
+    depth=6,
+    num_heads=3,
+)
+register_preset(
+    "vit3d_tiny_32",
+    VIT3D_ARCHITECTURE,
+    "3D ViT (MONAI blocks), dim 192, depth 6, 3 heads, 8-voxel patches, for 32^3 volumes (NIfTI crops)",
+    img_size=32,
+    patch_size=8,
+    embed_dim=192,
+    depth=6,
+    num_heads=3,
+)
+register_preset(
+    "vit3d_tiny_64",
+    VIT3D_ARCHITECTURE,
+    "3D ViT (MONAI blocks), dim 192, depth 6, 3 heads, 16-voxel patches, for 64^3 volumes (MedMNIST-3D 64)",
+    img_size=64,
+    patch_size=16,
+    embed_dim=192,
+    depth=6,
+    num_heads=3,
+)
 register_preset("vit_small_224", "vit_small_patch16_224", "ViT-S/16 at 224 px (22M parameters)")
 register_preset("resnet18", "resnet18", "ResNet-18 (11M parameters)")
 register_preset("resnet50", "resnet50", "ResNet-50 (24M parameters)")
@@ -60,7 +97,7 @@ def resolve_backbone(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
     if name in BACKBONE_PRESETS:
         preset = BACKBONE_PRESETS[name]
         return preset.timm_name, {**preset.kwargs, **overrides}
-    if timm.is_model(name):
+    if name in NON_TIMM_ARCHITECTURES or timm.is_model(name):
         return name, dict(overrides)
     close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
     hint = f" Similar timm models: {', '.join(close)}." if close else ""
@@ -77,6 +114,11 @@ def is_vit(model: nn.Module) -> bool:
 def create_timm_backbone(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
     """Build a headless timm model (``num_classes=0``) with random weights; never touches a hub."""
     kwargs = dict(kwargs)
+    if timm_name in NON_TIMM_ARCHITECTURES:
+        try:
+            return NON_TIMM_ARCHITECTURES[timm_name](**kwargs)
+        except TypeError as error:
+            raise ModelError(f"model '{timm_name}' does not accept these arguments {kwargs}: {error}") from None
     if timm_name.startswith(("vit_", "deit", "eva", "beit")):
         # Multi-crop SSL feeds smaller local crops to the same ViT; timm interpolates position embeddings.
         kwargs.setdefault("dynamic_img_size", True)
@@ -127,6 +169,11 @@ class Encoder(nn.Module):
         return int(size) if size is not None else None
 
     @property
+    def is_3d(self) -> bool:
+        """Whether the backbone takes volumes (B, C, D, H, W) rather than images."""
+        return getattr(self.backbone, "spatial_dims", 2) == 3
+
+    @property
     def embed_dim(self) -> int:
         width = int(self.backbone.num_features)
         return 2 * width if self.pool == "token+avg" else width
@@ -135,7 +182,9 @@ class Encoder(nn.Module):
         """uint8 (0..255) or float (0..1) images to the backbone's normalised float input."""
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
-        return (images - self.mean) / self.std
+        # The buffers are (1, C, 1, 1); volumes need one more trailing axis to broadcast over (B, C, D, H, W).
+        shape = (1, -1) + (1,) * (images.ndim - 2)
+        return (images - self.mean.view(shape)) / self.std.view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of already-normalised input."""
@@ -177,7 +226,7 @@ def create_encoder(
 
 def _accepted_kwargs(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     # CNNs in timm reject img_size; ViTs need it. Decide by family rather than by trial construction.
-    if timm_name.startswith(("vit_", "deit", "eva", "beit", "swin")):
+    if timm_name.startswith(("vit_", "deit", "eva", "beit", "swin")) or timm_name in NON_TIMM_ARCHITECTURES:
         return {**kwargs, "img_size": None}
     return kwargs
 

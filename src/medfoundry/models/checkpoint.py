@@ -2,7 +2,8 @@
 
 ``config.json`` holds the timm architecture name and keyword arguments, so
 ``timm.create_model(cfg["architecture"], **cfg["model_kwargs"])`` rebuilds the network without
-medfoundry, and the safetensors keys are timm's own names.
+medfoundry, and the safetensors keys are timm's own names. The one non-timm architecture, ``medfoundry.vit3d``
+(3D ViT from MONAI blocks), is rebuilt by medfoundry from the same two fields, with MONAI's parameter names.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from medfoundry import __version__
 from medfoundry.errors import ModelError
 from medfoundry.io_utils import atomic_dir
-from medfoundry.models.backbones import Encoder, create_encoder, create_timm_backbone
+from medfoundry.models.backbones import NON_TIMM_ARCHITECTURES, Encoder, create_encoder, create_timm_backbone
+from medfoundry.models.vit3d import VIT3D_ARCHITECTURE
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -73,8 +75,8 @@ def default_model_card(config: dict[str, Any]) -> str:
     lines = [
         f"# {config.get('name', config['architecture'])}",
         "",
-        f"- Architecture: timm `{config['architecture']}` with {config['model_kwargs']}",
-        f"- Input: {config['in_chans']} channel(s), {config.get('img_size')} px, "
+        f"- Architecture: {_library(config['architecture'])} `{config['architecture']}` with {config['model_kwargs']}",
+        f"- Input: {config['in_chans']} channel(s), {_input_size(config)}, "
         f"normalised with mean {config['normalization']['mean']} and std {config['normalization']['std']}",
         f"- Feature: {config['pool']} pooling, {config['embed_dim']} dimensions",
         f"- Training: {config.get('ssl_method', 'none (random initialisation)')}",
@@ -84,6 +86,15 @@ def default_model_card(config: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _library(architecture: str) -> str:
+    return "medfoundry (MONAI blocks)" if architecture in NON_TIMM_ARCHITECTURES else "timm"
+
+
+def _input_size(config: dict[str, Any]) -> str:
+    size = config.get("img_size")
+    return f"{size}^3 voxels" if config["architecture"] == VIT3D_ARCHITECTURE else f"{size} px"
 
 
 def load_encoder(folder: Path | str, pool: str | None = None) -> Encoder:

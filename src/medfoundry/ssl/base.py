@@ -13,6 +13,7 @@ from torch import nn
 from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.views import build_two_views
+from medfoundry.ssl.views3d import volume_views_for
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class SSLMethod(nn.Module, ABC):
     name: str = ""
 
     def build_views(self, encoder: Encoder, config: PretrainConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
-        """The transform that turns one PIL image into this method's list of views (two by default)."""
+        """The transform that turns one PIL image (or (C,D,H,W) volume) into this method's views (two by default)."""
+        if encoder.is_3d:
+            return volume_views_for(encoder, config)
         mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
         return build_two_views(config.views, encoder.in_chans, mean, std)
 

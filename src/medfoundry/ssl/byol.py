@@ -7,12 +7,12 @@ import copy
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
 from torch import nn
 
 from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
+from medfoundry.ssl.ema import frozen_copy, update_teachers
 
 
 @register_method("byol")
@@ -25,10 +25,8 @@ class BYOL(SSLMethod):
         self.backbone = encoder.backbone
         self.projection = BYOLProjectionHead(int(encoder.backbone.num_features), cfg.hidden_dim, cfg.out_dim)
         self.prediction = BYOLPredictionHead(cfg.out_dim, cfg.prediction_hidden_dim, cfg.out_dim)
-        self.target_backbone = copy.deepcopy(self.backbone)
-        self.target_projection = copy.deepcopy(self.projection)
-        deactivate_requires_grad(self.target_backbone)
-        deactivate_requires_grad(self.target_projection)
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_projection = frozen_copy(self.projection)
         self.criterion = NegativeCosineSimilarity()
 
     def trainable_modules(self) -> list[nn.Module]:
@@ -54,8 +52,9 @@ class BYOL(SSLMethod):
         )
 
     def after_optimizer_step(self, values: StepValues) -> None:
-        update_momentum(self.backbone, self.target_backbone, m=values.momentum)
-        update_momentum(self.projection, self.target_projection, m=values.momentum)
+        update_teachers(
+            [(self.backbone, self.target_backbone), (self.projection, self.target_projection)], values.momentum
+        )
 
     def export_encoder(self) -> Encoder:
         # BYOL evaluates the online encoder; the target is only its slow-moving average.

@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from lightly.loss import DINOLoss, KoLeoLoss
 from lightly.loss.msn_loss import sinkhorn
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.transforms.dino_transform import DINOTransform
+from lightly.models.utils import deactivate_requires_grad
+from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import nn
 
-from medfoundry.config import PretrainConfig
+from medfoundry.config import DinoConfig, PretrainConfig
+from medfoundry.errors import ModelError
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
+from medfoundry.ssl.ema import frozen_copy, update_teachers
 from medfoundry.ssl.monitor import prediction_entropy
 from medfoundry.ssl.views import build_dino_views
 
@@ -41,23 +43,49 @@ def cross_view_cross_entropy(
     return total / terms
 
 
+def build_dino_head(width: int, cfg: DinoConfig) -> DINOProjectionHead:
+    # lightly's head uses torch's older weight_norm, which warns on every construction.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return DINOProjectionHead(
+            width, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim, freeze_last_layer=cfg.freeze_last_layer_epochs
+        )
+
+
+def twin_head(head: DINOProjectionHead, width: int, cfg: DinoConfig) -> DINOProjectionHead:
+    """A frozen copy of a DINO head for the teacher.
+
+    weight_norm heads cannot be deep-copied (torch #103001): build a twin and copy its weights.
+    """
+    twin = build_dino_head(width, cfg)
+    twin.load_state_dict(head.state_dict())
+    deactivate_requires_grad(twin)
+    return twin
+
+
+def sinkhorn_targets(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int) -> torch.Tensor:
+    """DINOv2's teacher targets: Sinkhorn-Knopp-balanced softmax over the batch (lightly's MSN sinkhorn)."""
+    return sinkhorn(F.softmax(teacher_logits.float() / teacher_temp, dim=-1), iterations=iterations)
+
+
 @register_method("dino")
 class DINO(SSLMethod):
     def __init__(self, encoder: Encoder, config: PretrainConfig) -> None:
         super().__init__()
         cfg = config.dino
+        if encoder.is_3d:
+            raise ModelError(
+                f"DINO's multi-crop views are 2D; {encoder.timm_name} takes volumes. Use simclr, mocov3, byol or "
+                "mae for 3D encoders."
+            )
         self.cfg = cfg
         # Kept in a list so nn.Module does not register the backbone twice in the state dict.
         self._template = [encoder]
         self.student = encoder.backbone
         width = int(encoder.backbone.num_features)
-        self.student_head = self._head(width)
-        self.teacher = copy.deepcopy(self.student)
-        # weight_norm heads cannot be deep-copied (torch #103001): build a twin and copy its weights.
-        self.teacher_head = self._head(width)
-        self.teacher_head.load_state_dict(self.student_head.state_dict())
-        deactivate_requires_grad(self.teacher)
-        deactivate_requires_grad(self.teacher_head)
+        self.student_head = build_dino_head(width, cfg)
+        self.teacher = frozen_copy(self.student)
+        self.teacher_head = twin_head(self.student_head, width, cfg)
         self.centering_loss = (
             DINOLoss(output_dim=cfg.out_dim, student_temp=cfg.student_temp)
             if cfg.teacher_targets == "centering"
@@ -65,16 +93,7 @@ class DINO(SSLMethod):
         )
         self.koleo = KoLeoLoss()
 
-    def _head(self, width: int) -> DINOProjectionHead:
-        cfg = self.cfg
-        # lightly's head uses torch's older weight_norm, which warns on every construction.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return DINOProjectionHead(
-                width, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim, freeze_last_layer=cfg.freeze_last_layer_epochs
-            )
-
-    def build_views(self, encoder: Encoder, config: PretrainConfig) -> DINOTransform:
+    def build_views(self, encoder: Encoder, config: PretrainConfig) -> MultiViewTransform:
         mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
         return build_dino_views(config.views, encoder.in_chans, mean, std)
 
@@ -104,10 +123,7 @@ class DINO(SSLMethod):
         if self.centering_loss is not None:
             dino_loss = self.centering_loss(teacher_logits, student_logits, teacher_temp=values.teacher_temp)
         else:
-            stacked = torch.cat(teacher_logits).float()
-            targets = sinkhorn(
-                F.softmax(stacked / values.teacher_temp, dim=-1), iterations=self.cfg.sinkhorn_iterations
-            )
+            targets = sinkhorn_targets(torch.cat(teacher_logits), values.teacher_temp, self.cfg.sinkhorn_iterations)
             dino_loss = cross_view_cross_entropy(
                 list(targets.chunk(len(global_views))), student_logits, self.cfg.student_temp
             )
@@ -130,8 +146,7 @@ class DINO(SSLMethod):
         self.student_head.cancel_last_layer_gradients(values.epoch)
 
     def after_optimizer_step(self, values: StepValues) -> None:
-        update_momentum(self.student, self.teacher, m=values.momentum)
-        update_momentum(self.student_head, self.teacher_head, m=values.momentum)
+        update_teachers([(self.student, self.teacher), (self.student_head, self.teacher_head)], values.momentum)
 
     def export_encoder(self) -> Encoder:
         # DINO evaluates the teacher: the EMA of the student is the better encoder.

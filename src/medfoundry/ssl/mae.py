@@ -2,12 +2,14 @@
 
 The encoder sees only the kept patches of one view; a small ViT decoder fills in mask tokens and predicts the
 pixels of the masked patches, scored by mean squared error on those patches alone (with per-patch normalised
-targets, MAE's ``norm_pix_loss``). 2D ViT backbones only.
+targets, MAE's ``norm_pix_loss``). 2D timm ViTs and medfoundry's 3D ViT (``vit3d_*``, volumes): in 3D the patches
+are cubes, the decoder's fixed sine-cosine position embedding is MONAI's 3D one, and the views are MONAI crops.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,6 +18,7 @@ from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVis
 from lightly.models.modules.masked_vision_transformer_timm import init_weights
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -23,8 +26,10 @@ from torch import nn
 from medfoundry.config import PretrainConfig
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import Encoder, is_vit
+from medfoundry.models.vit3d import ViT3D, patchify_3d
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
 from medfoundry.ssl.views import seeded_rng
+from medfoundry.ssl.views3d import volume_views_for
 
 
 def build_mae_view(config: PretrainConfig, mean: list[float], std: list[float]) -> MultiViewTransform:
@@ -52,10 +57,41 @@ def build_mae_view(config: PretrainConfig, mean: list[float], std: list[float]) 
     )
 
 
+class MaskedViT3D(nn.Module):
+    """What lightly's MaskedVisionTransformerTIMM does for MAE, for the 3D ViT (lightly's wrapper needs timm's
+    VisionTransformer): position-embedded tokens, the kept ones only, through the blocks."""
+
+    def __init__(self, vit: ViT3D) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def encode(self, images: torch.Tensor, idx_keep: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.prepare_tokens(images)
+        return self.vit.encode_tokens(utils.get_at_index(tokens, idx_keep))
+
+
+def sincos_3d(grid: int, dim: int, num_prefix: int) -> torch.Tensor:
+    """MAE's fixed sine-cosine decoder positions for a cube of ``grid**3`` patches, prefix tokens at zero.
+
+    MONAI's 3D embedding needs a width divisible by 6 (sine and cosine per axis); the remaining 0-5 channels
+    (e.g. 2 of a 128-wide decoder) stay zero rather than forcing decoder_dim to a multiple of 6.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MONAI calls torch.meshgrid without indexing= ('ij' is meant)
+        table = build_sincos_position_embedding([grid] * 3, dim - dim % 6, spatial_dims=3).detach()
+    out = torch.zeros(1, num_prefix + grid**3, dim)
+    out[:, num_prefix:, : table.shape[-1]] = table
+    return out
+
+
 @register_method("mae")
 class MAE(SSLMethod):
     def __init__(self, encoder: Encoder, config: PretrainConfig) -> None:
         super().__init__()
+        if encoder.is_3d:
+            self._init_3d(encoder, config)
+            return
+        self.is_3d = False
         cfg = config.mae
         backbone = encoder.backbone
         if not is_vit(backbone) or not isinstance(backbone, VisionTransformer):
@@ -108,7 +144,45 @@ class MAE(SSLMethod):
         self.decoder_embed.apply(init_weights)
         self.decoder_pred.apply(init_weights)
 
+    def _init_3d(self, encoder: Encoder, config: PretrainConfig) -> None:
+        """The same parts for the 3D ViT: cubic patches, 3D decoder positions, voxel targets."""
+        cfg = config.mae
+        backbone = encoder.backbone
+        if not isinstance(backbone, ViT3D):
+            raise ModelError(f"MAE on volumes needs medfoundry's 3D ViT; got {type(backbone).__name__}")
+        self.is_3d = True
+        self.seed = config.seed
+        self.mask_ratio = cfg.mask_ratio
+        self.norm_pix_loss = cfg.norm_pix_loss
+        self.patch_size = int(backbone.patch_size)
+        self.num_patches = int(backbone.num_patches)
+        self.num_prefix = int(backbone.num_prefix_tokens)
+        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            raise ModelError(f"mask_ratio {self.mask_ratio} keeps no patch of {self.num_patches}; lower it")
+        self._template = [encoder]
+        # As in 2D: the wrapper holds the encoder's own ViT, and the ViT keeps its initialisation.
+        self.encoder = MaskedViT3D(backbone)
+        self.decoder_embed = nn.Linear(backbone.embed_dim, cfg.decoder_dim)
+        # lightly's decoder is sequence-only (timm blocks over tokens), so it serves 3D once its 2D sine-cosine
+        # positions are replaced by 3D ones: it is built uninitialised and initialised here as lightly would.
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=self.num_patches,
+            embed_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+            num_prefix_tokens=self.num_prefix,
+            initialize_weights=False,
+        )
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        self.decoder.pos_embed.data.copy_(sincos_3d(backbone.grid_size, cfg.decoder_dim, self.num_prefix))
+        self.decoder.apply(init_weights)
+        self.decoder_pred = nn.Linear(cfg.decoder_dim, self.patch_size**3 * encoder.in_chans)
+        self.decoder_embed.apply(init_weights)
+        self.decoder_pred.apply(init_weights)
+
     def build_views(self, encoder: Encoder, config: PretrainConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
+        if self.is_3d:
+            return volume_views_for(encoder, config, mae=True)
         return build_mae_view(config, encoder.mean.flatten().tolist(), encoder.std.flatten().tolist())
 
     def trainable_modules(self) -> list[nn.Module]:
@@ -129,7 +203,8 @@ class MAE(SSLMethod):
     def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput:
         images = views[0]
         batch_size = images.shape[0]
-        if images.shape[-1] != images.shape[-2] or (images.shape[-1] // self.patch_size) ** 2 != self.num_patches:
+        spatial = images.shape[2:]
+        if len(set(spatial)) != 1 or (spatial[0] // self.patch_size) ** len(spatial) != self.num_patches:
             raise ModelError(f"MAE was built for {self.num_patches} patches; got a view of {tuple(images.shape[1:])}")
         idx_keep, idx_mask = self._mask(batch_size, values.step, images.device)
 
@@ -142,8 +217,9 @@ class MAE(SSLMethod):
         decoded = self.decoder(tokens)
         predicted = self.decoder_pred(utils.get_at_index(decoded, idx_mask))
 
-        # Pixel targets from the normalised view, patch order as the ViT's tokens (row-major).
-        target = utils.get_at_index(utils.patchify(images, self.patch_size), idx_mask - self.num_prefix)
+        # Pixel (voxel) targets from the normalised view, patch order as the ViT's tokens (row-major).
+        patches = patchify_3d(images, self.patch_size) if self.is_3d else utils.patchify(images, self.patch_size)
+        target = utils.get_at_index(patches, idx_mask - self.num_prefix)
         with torch.autocast(images.device.type, enabled=False):
             target = target.float()
             if self.norm_pix_loss:

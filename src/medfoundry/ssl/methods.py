@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from medfoundry.ssl import byol, dino, mae, mocov3, simclr
+from medfoundry.ssl import byol, dino, ibot, mae, mocov3, simclr
 
-__all__ = ["byol", "dino", "mae", "mocov3", "simclr"]
+__all__ = ["byol", "dino", "ibot", "mae", "mocov3", "simclr"]

@@ -12,12 +12,12 @@ import copy
 import torch
 import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
 from torch import nn
 
 from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
+from medfoundry.ssl.ema import frozen_copy, update_teachers
 
 
 def moco_v3_contrastive(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -45,10 +45,8 @@ class MoCoV3(SSLMethod):
         self.prediction = MoCoProjectionHead(
             cfg.out_dim, cfg.prediction_hidden_dim, cfg.out_dim, num_layers=2, batch_norm=True
         )
-        self.momentum_backbone = copy.deepcopy(self.backbone)
-        self.momentum_projection = copy.deepcopy(self.projection)
-        deactivate_requires_grad(self.momentum_backbone)
-        deactivate_requires_grad(self.momentum_projection)
+        self.momentum_backbone = frozen_copy(self.backbone)
+        self.momentum_projection = frozen_copy(self.projection)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projection, self.prediction]
@@ -72,8 +70,9 @@ class MoCoV3(SSLMethod):
         )
 
     def after_optimizer_step(self, values: StepValues) -> None:
-        update_momentum(self.backbone, self.momentum_backbone, m=values.momentum)
-        update_momentum(self.projection, self.momentum_projection, m=values.momentum)
+        update_teachers(
+            [(self.backbone, self.momentum_backbone), (self.projection, self.momentum_projection)], values.momentum
+        )
 
     def export_encoder(self) -> Encoder:
         # MoCo v3 evaluates the base (query) encoder, not the momentum encoder (moco-v3 main_lincls.py).

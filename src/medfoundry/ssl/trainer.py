@@ -27,6 +27,7 @@ from rich.progress import (
 from torch.utils.data import DataLoader
 
 from medfoundry.config import PretrainConfig
+from medfoundry.data.mixture import MixedImageSet
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import MedfoundryError
 from medfoundry.io_utils import atomic_path, ensure_writable_dir, hash_json, write_json_atomic
@@ -83,10 +84,10 @@ def _optimizer(method: SSLMethod, config: PretrainConfig) -> torch.optim.Optimiz
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            # Biases, norms, tokens and position embeddings are not decayed (DINO, timm convention).
-            (no_decay if param.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "reg_token")) else decay).append(
-                param
-            )
+            # Biases, norms, tokens and position embeddings are not decayed (DINO, timm convention); MONAI's
+            # patch embedding (3D ViT) names its position embedding ``position_embeddings``.
+            no_decay_names = ("cls_token", "pos_embed", "reg_token", "position_embeddings")
+            (no_decay if param.ndim <= 1 or name.endswith(no_decay_names) else decay).append(param)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
@@ -160,7 +161,8 @@ def pretrain(
         log.info("resuming from step %d (%s)", start_step, state_path)
 
     views = method.build_views(encoder, config)
-    sampler = EpochBatchSampler(len(images), config.batch_size, config.epochs, config.seed, start_step)
+    epoch_order = images.epoch_order if isinstance(images, MixedImageSet) else None
+    sampler = EpochBatchSampler(len(images), config.batch_size, config.epochs, config.seed, start_step, epoch_order)
     schedules = Schedules(config, sampler.steps_per_epoch)
     loader = DataLoader(
         SeededViewDataset(images, views, config.seed),

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from medfoundry.config import ViewsConfig
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import DataError
+from medfoundry.transforms.view import DomainMultiViewTransform, DomainViewTransform, uses_domain_steps
 
 
 def to_pil(image: np.ndarray, source: str = "") -> Image.Image:
@@ -34,12 +35,14 @@ def to_pil(image: np.ndarray, source: str = "") -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB")
 
 
-def build_dino_views(config: ViewsConfig, in_chans: int, mean: list[float], std: list[float]) -> DINOTransform:
+def build_dino_views(config: ViewsConfig, in_chans: int, mean: list[float], std: list[float]) -> MultiViewTransform:
     """Global and local crops via lightly's DINOTransform, with medical-image defaults.
 
     Grey-scale conversion and hue/saturation jitter are off: for 1-channel images they mean nothing, and in
-    pathology colour carries the stain.
+    pathology colour carries the stain. A domain preset (``config.domain``) adds its steps around lightly's.
     """
+    if uses_domain_steps(config):
+        return _domain_dino_views(config, in_chans, mean, std)
     return DINOTransform(
         global_crop_size=config.global_crop_size,
         global_crop_scale=tuple(config.global_crop_scale),
@@ -85,11 +88,45 @@ def build_two_views(config: ViewsConfig, in_chans: int, mean: list[float], std: 
         gaussian_blur=config.blur_prob,
         **_shared_view_kwargs(config, in_chans, mean, std),
     )
+    if uses_domain_steps(config):
+        return DomainMultiViewTransform(
+            [
+                DomainViewTransform(config, **common, solarization_prob=0.0),
+                DomainViewTransform(config, **common, solarization_prob=config.solarization_prob),
+            ],
+            in_chans,
+            config.fov_mask,
+        )
     return MultiViewTransform(
         [
             DINOViewTransform(**common, solarization_prob=0.0),
             DINOViewTransform(**common, solarization_prob=config.solarization_prob),
         ]
+    )
+
+
+def _domain_dino_views(
+    config: ViewsConfig, in_chans: int, mean: list[float], std: list[float]
+) -> DomainMultiViewTransform:
+    """DINO's global and local crops as lightly's DINOTransform makes them, with the domain steps added."""
+    shared = _shared_view_kwargs(config, in_chans, mean, std)
+    global_crop = dict(crop_size=config.global_crop_size, crop_scale=tuple(config.global_crop_scale))
+    local_crop = dict(crop_size=config.local_crop_size, crop_scale=tuple(config.local_crop_scale))
+    blur = config.blur_prob
+    # lightly's DINOTransform does not pass cj_strength to its second global crop (so it gets lightly's default
+    # 0.5); kept, so that a domain's views differ from the natural ones by the domain steps only.
+    second_global = {**shared, "cj_strength": 0.5}
+    local = DomainViewTransform(config, **local_crop, **shared, gaussian_blur=blur, solarization_prob=0.0)
+    return DomainMultiViewTransform(
+        [
+            DomainViewTransform(config, **global_crop, **shared, gaussian_blur=blur, solarization_prob=0.0),
+            DomainViewTransform(
+                config, **global_crop, **second_global, gaussian_blur=blur, solarization_prob=config.solarization_prob
+            ),
+            *[local] * config.n_local_views,
+        ],
+        in_chans,
+        config.fov_mask,
     )
 
 
@@ -115,7 +152,7 @@ def seeded_rng(*keys: int) -> Iterator[None]:
 
 
 class SeededViewDataset(Dataset):
-    """Returns the list of views of sample ``index`` for key ``(epoch, index)``."""
+    """Returns the list of views of sample ``index`` for key ``(epoch, index)`` or ``(epoch, index, repeat)``."""
 
     def __init__(self, images: ImageSet, transform: Callable[[Image.Image], list[torch.Tensor]], seed: int):
         self.images = images
@@ -125,20 +162,32 @@ class SeededViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
-        epoch, index = key
-        image = to_pil(self.images.load(index), f"{self.images.source}#{self.images.ids[index]}")
-        with seeded_rng(self.seed, epoch, index):
+    def __getitem__(self, key: tuple[int, ...]) -> list[torch.Tensor]:
+        epoch, index, *repeat = key
+        array = self.images.load(index)
+        # Volumes (C,D,H,W) go to the 3D views as arrays: PIL has no 3D images.
+        image = array if array.ndim == 4 else to_pil(array, f"{self.images.source}#{self.images.ids[index]}")
+        with seeded_rng(self.seed, epoch, index, *repeat):
             return self.transform(image)
 
 
-class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+class EpochBatchSampler(Sampler[list[tuple[int, ...]]]):
     """Batches of (epoch, index) keys: a seeded permutation per epoch, full batches only.
 
-    Starting at ``start_step`` skips the batches a resumed run already trained on without loading them.
+    Starting at ``start_step`` skips the batches a resumed run already trained on without loading them. The key
+    is (epoch, image index), with the repeat count appended when a mixture draws an image again within an epoch,
+    so that every draw gets its own views.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, epochs: int, seed: int, start_step: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        epochs: int,
+        seed: int,
+        start_step: int = 0,
+        epoch_order: Callable[[torch.Generator], list[int]] | None = None,
+    ):
         if num_samples < batch_size:
             raise DataError(f"{num_samples} images are fewer than one batch of {batch_size}; lower batch_size")
         self.num_samples = num_samples
@@ -146,6 +195,8 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.epochs = epochs
         self.seed = seed
         self.start_step = start_step
+        # A weighted mixture of sources supplies its own order (num_samples draws); otherwise a permutation.
+        self.epoch_order = epoch_order or (lambda generator: torch.randperm(num_samples, generator=generator).tolist())
 
     @property
     def steps_per_epoch(self) -> int:
@@ -154,13 +205,17 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return max(0, self.epochs * self.steps_per_epoch - self.start_step)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         first_epoch = self.start_step // self.steps_per_epoch
         for epoch in range(first_epoch, self.epochs):
             generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            keys: list[tuple[int, ...]] = []
+            draws: dict[int, int] = {}
+            for index in self.epoch_order(generator):
+                repeat = draws.get(index, 0)
+                draws[index] = repeat + 1
+                keys.append((epoch, index) if repeat == 0 else (epoch, index, repeat))
             for batch in range(self.steps_per_epoch):
                 if epoch * self.steps_per_epoch + batch < self.start_step:
                     continue
-                chunk = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-                yield [(epoch, index) for index in chunk]
+                yield keys[batch * self.batch_size : (batch + 1) * self.batch_size]

@@ -1,0 +1,196 @@
+"""iBOT / DINOv2-style pre-training: DINO on the CLS token plus masked-patch self-distillation (ViT only).
+
+lightly provides the masked ViT wrapper (mask tokens in place of masked patches), DINOv2's block masking, the
+DINO head, the iBOT patch loss for centred targets, KoLeo and the EMA update. With Sinkhorn-Knopp targets (the
+default, as in DINOv2, because centring alone collapsed on BreastMNIST) lightly's IBOTPatchLoss cannot be used,
+since it centres the teacher itself, so the per-image weighted cross-entropy is written here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from lightly.models import utils
+from lightly.models.modules import MaskedVisionTransformerTIMM
+from lightly.transforms.multi_view_transform import MultiViewTransform
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from medfoundry.config import PretrainConfig
+from medfoundry.errors import ModelError
+from medfoundry.models.backbones import Encoder
+from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
+from medfoundry.ssl.dino import build_dino_head, cross_view_cross_entropy, sinkhorn_targets, twin_head
+from medfoundry.ssl.ema import update_teachers
+from medfoundry.ssl.monitor import prediction_entropy
+from medfoundry.ssl.views import build_dino_views, seeded_rng
+
+
+def masked_patch_cross_entropy(
+    teacher_probs: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, student_temp: float
+) -> torch.Tensor:
+    """iBOT's patch loss for given targets: cross-entropy per masked patch, averaged per image, then over images.
+
+    ``teacher_probs`` and ``student_logits`` hold the masked patches only, in ``mask``'s (row-major) order.
+    Images without masked patches count as zero, as in DINOv2 and lightly's IBOTPatchLoss.
+    """
+    per_patch = -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
+    masked_per_image = mask.flatten(1).sum(dim=1, keepdim=True).clamp(min=1)
+    weights = (1.0 / masked_per_image).expand_as(mask.flatten(1))[mask.flatten(1)]
+    return (per_patch * weights).sum() / mask.shape[0]
+
+
+@register_method("ibot")
+class IBOT(SSLMethod):
+    def __init__(self, encoder: Encoder, config: PretrainConfig) -> None:
+        super().__init__()
+        cfg = config.ibot
+        self.cfg = cfg
+        backbone = encoder.backbone
+        if not isinstance(backbone, VisionTransformer):
+            raise ModelError(
+                f"iBOT masks patch tokens, so it needs a ViT backbone; got {encoder.timm_name} "
+                f"({type(backbone).__name__}). Use a timm VisionTransformer (e.g. vit_tiny_28) or DINO for CNNs."
+            )
+        if cfg.mask_ratio_max < cfg.mask_ratio_min:
+            raise ModelError(
+                f"ibot.mask_ratio_max ({cfg.mask_ratio_max}) is below ibot.mask_ratio_min ({cfg.mask_ratio_min})"
+            )
+        self.seed = config.seed
+        self.patch_size = int(backbone.patch_embed.patch_size[0])
+        self.num_prefix = int(backbone.num_prefix_tokens)
+        # Kept in a list so nn.Module does not register the backbone twice in the state dict.
+        self._template = [encoder]
+        # The wrapper trains the encoder's own ViT (not a copy) and adds the learnable mask token. 'skip' keeps the
+        # ViT's initialisation, so pre-training starts from the same network as the random-weights baseline.
+        self.student = MaskedVisionTransformerTIMM(
+            vit=backbone, weight_initialization="skip", pos_embed_initialization="skip"
+        )
+        width = int(backbone.num_features)
+        self.student_head = build_dino_head(width, cfg)
+        self.student_patch_head = build_dino_head(width, cfg) if cfg.separate_patch_head else None
+        self.teacher = MaskedVisionTransformerTIMM(
+            vit=copy.deepcopy(backbone), weight_initialization="skip", pos_embed_initialization="skip"
+        )
+        self.teacher.load_state_dict(self.student.state_dict())
+        utils.deactivate_requires_grad(self.teacher)
+        self.teacher_head = twin_head(self.student_head, width, cfg)
+        self.teacher_patch_head = (
+            twin_head(self.student_patch_head, width, cfg) if self.student_patch_head is not None else None
+        )
+        if cfg.teacher_targets == "centering":
+            self.centering_loss: DINOLoss | None = DINOLoss(output_dim=cfg.out_dim, student_temp=cfg.student_temp)
+            self.patch_centering_loss: IBOTPatchLoss | None = IBOTPatchLoss(
+                output_dim=cfg.out_dim, student_temp=cfg.student_temp
+            )
+        else:
+            self.centering_loss, self.patch_centering_loss = None, None
+        self.koleo = KoLeoLoss()
+
+    def build_views(self, encoder: Encoder, config: PretrainConfig) -> MultiViewTransform:
+        mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
+        return build_dino_views(config.views, encoder.in_chans, mean, std)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        heads = [self.student_head] + ([self.student_patch_head] if self.student_patch_head is not None else [])
+        return [self.student, *heads]
+
+    def _block_masks(self, batch: int, grid: int, step: int, device: torch.device) -> torch.Tensor:
+        """DINOv2 block masks (batch, grid, grid), seeded by (run seed, step) so a resumed run masks the same."""
+        cfg = self.cfg
+        with seeded_rng(self.seed, step, 1):
+            mask = utils.random_block_mask(
+                (batch, grid, grid),
+                batch_mask_ratio=cfg.mask_sample_ratio,
+                min_image_mask_ratio=cfg.mask_ratio_min,
+                max_image_mask_ratio=cfg.mask_ratio_max,
+            )
+        return mask.to(device)
+
+    def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput:
+        cfg = self.cfg
+        n_global = 2
+        global_views = torch.cat(views[:n_global])
+        if global_views.shape[-1] % self.patch_size or global_views.shape[-1] != global_views.shape[-2]:
+            raise ModelError(
+                f"iBOT needs square global crops that are a multiple of the patch size {self.patch_size}; "
+                f"got {tuple(global_views.shape[-2:])}"
+            )
+        grid = global_views.shape[-1] // self.patch_size
+        mask = self._block_masks(global_views.shape[0], grid, values.step, global_views.device)
+        flat_mask = mask.flatten(1)
+        # Prefix tokens (CLS) are never masked.
+        token_mask = F.pad(flat_mask, (self.num_prefix, 0), value=False)
+
+        teacher_patch_head = self.teacher_patch_head or self.teacher_head
+        student_patch_head = self.student_patch_head or self.student_head
+        with torch.no_grad():
+            teacher_tokens = self.teacher.encode(global_views)
+            teacher_cls = self.teacher_head(teacher_tokens[:, 0])
+            teacher_patches = teacher_patch_head(teacher_tokens[:, self.num_prefix :][flat_mask])
+
+        student_tokens = self.student.encode(global_views, mask=token_mask)
+        student_cls_features = list(student_tokens[:, 0].chunk(n_global))
+        for local in views[n_global:]:
+            student_cls_features.append(self.student.encode(local)[:, 0])
+        student_cls = [self.student_head(f) for f in student_cls_features]
+        student_patches = student_patch_head(student_tokens[:, self.num_prefix :][flat_mask])
+
+        teacher_cls_views = list(teacher_cls.chunk(n_global))
+        if self.centering_loss is not None and self.patch_centering_loss is not None:
+            dino_loss = self.centering_loss(teacher_cls_views, student_cls, teacher_temp=values.teacher_temp)
+            patch_loss = (
+                self.patch_centering_loss(teacher_patches, student_patches, mask, teacher_temp=values.teacher_temp)
+                if flat_mask.any()
+                else student_patches.sum() * 0.0
+            )
+        else:
+            targets = sinkhorn_targets(teacher_cls, values.teacher_temp, cfg.sinkhorn_iterations)
+            dino_loss = cross_view_cross_entropy(list(targets.chunk(n_global)), student_cls, cfg.student_temp)
+            if flat_mask.any():
+                patch_targets = sinkhorn_targets(teacher_patches, values.teacher_temp, cfg.sinkhorn_iterations)
+                patch_loss = masked_patch_cross_entropy(patch_targets, student_patches, mask, cfg.student_temp)
+            else:
+                patch_loss = student_patches.sum() * 0.0
+
+        koleo = sum(self.koleo(f.float()) for f in student_cls_features[:n_global]) / n_global
+        loss = dino_loss + cfg.patch_loss_weight * patch_loss + cfg.koleo_weight * koleo
+        entropy, used = prediction_entropy(teacher_cls, values.teacher_temp)
+        extra = {"teacher_entropy": entropy, "prototypes_used": used}
+        if flat_mask.any():
+            extra["teacher_patch_entropy"], _ = prediction_entropy(teacher_patches, values.teacher_temp)
+        return StepOutput(
+            loss=loss,
+            logs={
+                "loss": float(loss.detach()),
+                "dino_loss": float(dino_loss.detach()),
+                "ibot_loss": float(patch_loss.detach()),
+                "koleo": float(koleo.detach()),
+                "masked_share": float(flat_mask.float().mean()),
+            },
+            monitor_features=student_cls_features[0].detach(),
+            monitor_extra=extra,
+        )
+
+    def before_optimizer_step(self, values: StepValues) -> None:
+        for head in (self.student_head, self.student_patch_head):
+            if head is not None:
+                head.cancel_last_layer_gradients(values.epoch)
+
+    def after_optimizer_step(self, values: StepValues) -> None:
+        pairs: list[tuple[nn.Module, nn.Module]] = [
+            (self.student, self.teacher),
+            (self.student_head, self.teacher_head),
+        ]
+        if self.student_patch_head is not None and self.teacher_patch_head is not None:
+            pairs.append((self.student_patch_head, self.teacher_patch_head))
+        update_teachers(pairs, values.momentum)
+
+    def export_encoder(self) -> Encoder:
+        # As in DINO and iBOT, the teacher (the EMA of the student) is the encoder kept.
+        encoder = copy.deepcopy(self._template[0])
+        encoder.backbone.load_state_dict(self.teacher.vit.state_dict())
+        return encoder

@@ -1,0 +1,1 @@
+"""Domain-specific view steps for SSL pre-training (pathology, radiology, ophthalmology) and their presets."""
