@@ -99,3 +99,18 @@ pretrain:
     card = json.loads((result.encoder_dir / "config.json").read_text())
     assert "mixture of" in card["data"] and "CMU-1" in card["data"]
     assert load_encoder(result.encoder_dir).in_chans == 1
+
+
+def test_a_single_source_is_converted_to_the_model_channels(shared_data: Path, tmp_path: Path, caplog) -> None:
+    """Kermany's grey X-rays are stored as RGB files; MAE's plain view has no channel step of its own."""
+    from medfoundry.config import PretrainConfig
+    from medfoundry.models.backbones import create_encoder
+    from medfoundry.ssl.trainer import pretrain
+
+    torch.set_num_threads(1)
+    rgb = load_dataset(shared_data / KERMANY, image_size=28)["train"].subset(np.arange(32))
+    assert rgb.num_channels == 3
+    config = PretrainConfig(method="mae", epochs=1, batch_size=16, tensorboard=False)
+    with caplog.at_level("WARNING", logger="medfoundry.pretrain"):
+        result = pretrain(rgb, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, tmp_path, show_progress=False)
+    assert result.finished and "converting them (RGB to grey by luma)" in caplog.text

@@ -132,7 +132,7 @@ def test_mae_masks_3d_patches() -> None:
         method.training_step([torch.randn(3, 1, 14, 14, 14)], values)
 
 
-@pytest.mark.parametrize("method", ["mae", "simclr"])
+@pytest.mark.parametrize("method", ["mae", "simclr", "mocov3", "byol"])
 def test_loss_goes_down(ct_crops: ImageSet, method: str, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     config = PretrainConfig(method=method, epochs=6, **COMMON)
@@ -147,7 +147,7 @@ def test_loss_goes_down(ct_crops: ImageSet, method: str, tmp_path: Path) -> None
     assert last < first, (first, last, losses)
 
 
-@pytest.mark.parametrize("method", ["mae", "simclr"])
+@pytest.mark.parametrize("method", ["mae", "simclr", "mocov3", "byol"])
 def test_resume_is_exact_and_export_embeds(ct_crops: ImageSet, method: str, tmp_path: Path) -> None:
     """Stop after 3 of 4 steps, resume, and match an uninterrupted run bit for bit; then embed with the export."""
     torch.set_num_threads(1)

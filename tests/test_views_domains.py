@@ -296,3 +296,16 @@ def test_cli_domain_and_stop_on_collapse_reach_the_run(breastmnist_npz: Path, tm
     assert stored["stop_on_collapse"] is True
     assert stored["views"]["domain"] == "radiology" and stored["views"]["gamma_range"] == [0.8, 1.25]
     assert stored["views"]["window_width_range"] == [0.7, 1.3]
+
+
+def test_cli_method_and_data_pretrain_on_a_slide(shared_data: Path, tmp_path: Path) -> None:
+    """`medfoundry pretrain --method ibot --data wsi:slide --domain pathology` on the real CMU-1 slide's tiles."""
+    slide = shared_data / "wsi_samples" / "CMU-1-Small-Region.svs"
+    args = ["pretrain", "--method", "ibot", "--data", f"wsi:{slide}", "--domain", "pathology", "-o", str(tmp_path)]
+    settings = ["model.in_chans=3", "pretrain.epochs=1", "pretrain.batch_size=16", "pretrain.tensorboard=false"]
+    settings += ["pretrain.views.n_local_views=2", "pretrain.ibot.out_dim=128"]
+    result = CliRunner().invoke(app, [*args, *(item for setting in settings for item in ("-s", setting))])
+    assert result.exit_code == 0, (result.output, result.exception)
+    stored = json.loads((tmp_path / "pretrain" / "encoder" / "config.json").read_text())
+    assert stored["ssl_method"] == "ibot" and stored["pretrain_config"]["views"]["hed_scale"] > 0
+    assert "CMU-1-Small-Region.svs" in stored["data"]

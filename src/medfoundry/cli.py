@@ -6,6 +6,7 @@ Errors caused by input (missing files, bad configs, unknown models) print one li
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -80,9 +81,20 @@ def run(
     console.print(f"Took {out.durations['total']:.0f} s")
 
 
-def pretrain_overrides(domain: str | None, stop_on_collapse: bool, overrides: list[str] | None) -> list[str]:
+def pretrain_overrides(
+    domain: str | None,
+    stop_on_collapse: bool,
+    overrides: list[str] | None,
+    method: str | None = None,
+    data: str | None = None,
+) -> list[str]:
     """The pretrain command's options as dotted overrides, placed first so that ``-s`` overrides still win."""
     values = [f"pretrain.views.domain={domain}"] if domain is not None else []
+    if method is not None:
+        values.append(f"pretrain.method={method}")
+    if data is not None:
+        # Quoted: a spec such as "wsi:slide.svs" would otherwise be read as a YAML mapping.
+        values.append(f"data.source={json.dumps(data)}")
     if stop_on_collapse:
         values.append("pretrain.stop_on_collapse=true")
     return [*values, *(overrides or [])]
@@ -105,11 +117,15 @@ def pretrain(
     stop_on_collapse: Annotated[
         bool, typer.Option("--stop-on-collapse", help="stop when the collapse monitor fires")
     ] = False,
+    method: Annotated[
+        str | None, typer.Option("--method", help="dino, ibot, simclr, mocov3, byol or mae (pretrain.method)")
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="dataset spec to pre-train on (data.source)")] = None,
 ) -> None:
     """SSL pre-training only; writes <output>/pretrain/encoder (a checkpoint folder)."""
     from medfoundry.experiment import run_pretraining
 
-    cfg = _experiment_config(config, pretrain_overrides(domain, stop_on_collapse, overrides), output)
+    cfg = _experiment_config(config, pretrain_overrides(domain, stop_on_collapse, overrides, method, data), output)
     state = cfg.output_dir / "pretrain" / "state" / "last.pt"
     if not resume and state.exists():
         state.unlink()

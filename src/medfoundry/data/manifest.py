@@ -98,7 +98,7 @@ def read_image(path: Path, image_size: tuple[int, int] | None = None, channels: 
             if image_size is not None:
                 # PIL takes (width, height); image_size is (height, width) like the arrays.
                 image = image.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
     except FileNotFoundError as exc:
         raise DataError("image file not found", path) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -43,6 +43,25 @@ def convert_channels(image: np.ndarray, channels: int, source: str = "") -> np.n
     raise DataError(f"cannot convert an image with {have} channels to {channels}", source)
 
 
+class ConvertedChannels(ImageSet):
+    """Another ImageSet's images converted to ``channels`` channels (see :func:`convert_channels`)."""
+
+    def __init__(self, parent: ImageSet, channels: int) -> None:
+        self.parent = parent
+        self.channels = channels
+        self.name = parent.name
+        self.source = parent.source
+        self.ids = parent.ids
+        self.patient_ids = parent.patient_ids
+        self.labels = parent.labels
+
+    def load(self, index: int) -> np.ndarray:
+        return convert_channels(self.parent.load(index), self.channels, f"{self.source}#{self.ids[index]}")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.parent.fingerprint()}|channels={self.channels}".encode()).hexdigest()[:16]
+
+
 class MixedImageSet(ImageSet):
     """The images of several sources, indexed one after another, with per-source sampling weights."""
 

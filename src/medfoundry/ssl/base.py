@@ -40,6 +40,8 @@ class SSLMethod(nn.Module, ABC):
     """One SSL method: a loss over views, plus what happens around the optimiser step."""
 
     name: str = ""
+    # Whether a low spread of the monitored features means collapse (see ssl/monitor.py); the rank is always checked.
+    spread_signals_collapse: bool = True
 
     def build_views(self, encoder: Encoder, config: PretrainConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
         """The transform that turns one PIL image (or (C,D,H,W) volume) into this method's views (two by default)."""

@@ -86,6 +86,11 @@ def sincos_3d(grid: int, dim: int, num_prefix: int) -> torch.Tensor:
 
 @register_method("mae")
 class MAE(SSLMethod):
+    # A constant encoder cannot reconstruct different patches, so MAE has no collapse of the joint-embedding kind,
+    # while its mean-pooled patch tokens share a strong common direction: on the Kermany X-rays their spread read
+    # 0.04 while the linear probe beat random weights (0.949 vs 0.928 AUROC). Only the effective rank is checked.
+    spread_signals_collapse = False
+
     def __init__(self, encoder: Encoder, config: PretrainConfig) -> None:
         super().__init__()
         if encoder.is_3d:

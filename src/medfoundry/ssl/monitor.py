@@ -68,8 +68,12 @@ class CollapseMonitor:
 
     def message(self) -> str:
         last = self.history[-1]
+        reasons = []
+        if last["feature_std"] < self.min_feature_std:
+            reasons.append(f"feature spread {last['feature_std']:.3f} < {self.min_feature_std}")
+        if last["effective_rank"] < self.min_effective_rank:
+            reasons.append(f"effective rank {last['effective_rank']:.1f} < {self.min_effective_rank}")
         return (
-            f"representation collapse suspected at step {int(last['step'])}: feature spread "
-            f"{last['feature_std']:.3f} (< {self.min_feature_std}) or effective rank {last['effective_rank']:.1f} "
-            f"(< {self.min_effective_rank}) for {self.bad_readings} readings in a row"
+            f"representation collapse suspected at step {int(last['step'])}: {' and '.join(reasons)} "
+            f"for {self.bad_readings} readings in a row"
         )

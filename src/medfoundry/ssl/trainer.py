@@ -27,7 +27,7 @@ from rich.progress import (
 from torch.utils.data import DataLoader
 
 from medfoundry.config import PretrainConfig
-from medfoundry.data.mixture import MixedImageSet
+from medfoundry.data.mixture import ConvertedChannels, MixedImageSet
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import MedfoundryError
 from medfoundry.io_utils import atomic_path, ensure_writable_dir, hash_json, write_json_atomic
@@ -139,6 +139,7 @@ def pretrain(
     kill would) after checkpointing.
     """
     output_dir = ensure_writable_dir(Path(output_dir))
+    images = _match_channels(images, encoder)
     torch.manual_seed(config.seed)
     if config.method not in SSL_METHODS:
         raise MedfoundryError(f"unknown SSL method '{config.method}'; known: {', '.join(sorted(SSL_METHODS))}")
@@ -147,6 +148,8 @@ def pretrain(
     fingerprint = run_fingerprint(config, images, encoder)
     state_path = output_dir / STATE_FILE
     start_step, monitor = 0, CollapseMonitor()
+    if not method.spread_signals_collapse:
+        monitor.min_feature_std = 0.0
     if resume and state_path.is_file():
         state = _load_state(state_path)
         if state["fingerprint"] != fingerprint:
@@ -268,6 +271,23 @@ def pretrain(
         },
     )
     return result
+
+
+def _match_channels(images: ImageSet, encoder: Encoder) -> ImageSet:
+    """Grey X-rays saved as RGB files, or grey images for an RGB model: convert, and say so once."""
+    if encoder.is_3d or len(images) == 0 or isinstance(images, MixedImageSet):
+        return images  # a mixture converts its sources itself
+    have = images.num_channels
+    if have == encoder.in_chans:
+        return images
+    log.warning(
+        "%s has %d-channel images and the model takes %d: converting them (%s)",
+        images.name,
+        have,
+        encoder.in_chans,
+        "RGB to grey by luma" if encoder.in_chans == 1 else "grey repeated to RGB",
+    )
+    return ConvertedChannels(images, encoder.in_chans)
 
 
 def _tensorboard(output_dir: Path, config: PretrainConfig) -> Any:
