@@ -141,7 +141,7 @@ def test_create_adapter() -> None:
     assert isinstance(knn, KNNProbe) and (knn.k, knn.temperature, knn.n_classes) == (7, 0.1, 2)
     linear = create_adapter("linear", config, seed=3, n_classes=2)
     assert isinstance(linear, LinearProbe) and linear.c_grid == (0.5, 2.0) and linear.seed == 3
-    with pytest.raises(MedfoundryError, match="unknown adapter 'lora'; known: knn, linear"):
+    with pytest.raises(MedfoundryError, match="unknown adapter 'lora'; known: fewshot, knn, linear, mlp"):
         create_adapter("lora", config, seed=0, n_classes=2)
 
 

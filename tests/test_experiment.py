@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from medfoundry.cli import app
 from medfoundry.config import ExperimentConfig, load_config
+from medfoundry.evaluate.predictions import predictions_path
 from medfoundry.evaluate.results import read_results
 from medfoundry.experiment import run_experiment
 
@@ -73,6 +76,13 @@ def test_spine_writes_results_and_report_and_reuses_finished_stages(small_npz: P
     assert "test_00000" not in out.results_path.read_text() and "test_00000" not in html
     encoder_config = json.loads((tmp_path / "run" / "pretrain" / "encoder" / "config.json").read_text())
     assert encoder_config["ssl_method"] == "dino" and "labels unused" in encoder_config["data"]
+
+    # Per-case predictions of every cell, for a paired comparison of two models on the same test cases.
+    predictions = tmp_path / "run" / "predictions"
+    assert len(list(predictions.glob("*.csv"))) == len(list((tmp_path / "run" / "cells").iterdir())) == 30
+    pair = [str(predictions_path(predictions, model, "linear", 1.0, 0)) for model in ("dino", "random-init")]
+    compared = CliRunner().invoke(app, ["compare", *pair])
+    assert compared.exit_code == 0 and "CI excludes 0" in compared.output, compared.output
 
     cells_before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "cells").iterdir()}
     h5_before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "embeddings").rglob("*.h5")}

@@ -227,13 +227,17 @@ class EmbedConfig(StrictModel):
 
 
 class AdaptConfig(StrictModel):
-    adapters: list[Literal["linear", "knn"]] = ["linear", "knn"]
+    adapters: list[Literal["linear", "knn", "fewshot", "mlp"]] = ["linear", "knn"]
     label_fractions: list[float] = [0.01, 0.1, 1.0]
     seeds: list[int] = [0, 1, 2]
     min_per_class: int = 2
     knn_k: int = 20
     knn_temperature: float = 0.07
     linear_c_grid: list[float] = Field(default_factory=lambda: [10.0**e for e in range(-4, 5)])
+    fewshot_temperature: float = Field(0.1, gt=0, description="softmax temperature on squared CL2N distances")
+    mlp_hidden_dim: int = Field(256, ge=1)
+    mlp_alpha_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-2, 1.0, 10.0], description="L2 strengths")
+    mlp_max_iter: int = Field(200, ge=1, description="L-BFGS iterations per fit")
 
 
 class SupervisedBaselineConfig(StrictModel):

@@ -29,6 +29,7 @@ from medfoundry.data.sample import ImageSet, Splits
 from medfoundry.data.splits import label_fraction_indices
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.metrics import compute_metrics
+from medfoundry.evaluate.predictions import Predictions, predictions_path, write_predictions
 from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
 from medfoundry.evaluate.results import (
     ResultRecord,
@@ -154,20 +155,25 @@ def _evaluate_cell(
     key: dict[str, Any],
     inputs_hash: str,
     compute: Callable[[], tuple[np.ndarray, int]],
-    y_test: np.ndarray,
-    test_patients: list[str],
+    test: ImageSet,
 ) -> list[ResultRecord]:
-    """Run one (model, adapter, fraction, seed) cell, or reuse its stored records when inputs are unchanged."""
+    """Run one (model, adapter, fraction, seed) cell, or reuse its stored records when inputs are unchanged.
+
+    Besides its records, a cell writes its per-case test predictions (``predictions/``, for ``medfoundry compare``).
+    """
     path = _cell_path(config, key)
+    predictions_file = predictions_path(config.output_dir / "predictions", **key)
     fingerprint = hash_json({"key": key, "inputs": inputs_hash, "evaluate": config.evaluate.model_dump(mode="json")})
     cached = _cached_cell(path, fingerprint)
-    if cached is not None:
+    if cached is not None and predictions_file.is_file():
         return cached
+    y_test = np.asarray(test.labels)
     proba, n_train = compute()
+    write_predictions(predictions_file, Predictions(list(test.ids), list(test.patient_ids), y_test, proba))
     metrics = compute_metrics(
         y_test,
         proba,
-        test_patients,
+        test.patient_ids,
         metrics=tuple(config.evaluate.metrics),
         n_bootstrap=config.evaluate.n_bootstrap,
         confidence=config.evaluate.confidence,
@@ -187,7 +193,7 @@ def _probe_records(
 ) -> list[ResultRecord]:
     """Every (encoder, adapter, label fraction, seed) cell on cached embeddings."""
     train, val, test = data
-    y_train, y_val, y_test = np.asarray(train.labels), np.asarray(val.labels), np.asarray(test.labels)
+    y_train, y_val = np.asarray(train.labels), np.asarray(val.labels)
     records: list[ResultRecord] = []
     for name, features in embeddings.items():
         encoder = encoders[name]
@@ -219,7 +225,7 @@ def _probe_records(
                         return adapter.predict_proba(features["test"].features), len(subset)
 
                     key = {"model": name, "adapter": adapter_name, "label_fraction": fraction, "seed": seed}
-                    records += _evaluate_cell(config, key, inputs_hash, fit_predict, y_test, test.patient_ids)
+                    records += _evaluate_cell(config, key, inputs_hash, fit_predict, test)
     return records
 
 
@@ -249,7 +255,7 @@ def _scratch_records(
                 "label_fraction": fraction,
                 "seed": seed,
             }
-            records += _evaluate_cell(config, key, data_hash, train_predict, np.asarray(test.labels), test.patient_ids)
+            records += _evaluate_cell(config, key, data_hash, train_predict, test)
     return records
 
 
@@ -273,7 +279,11 @@ def run_experiment(
     if config.supervised_baseline.enabled:
         resolve_backbone(config.supervised_baseline.backbone)
 
-    echo(f"[1/4] {config.pretrain.method} pre-training on {len(splits[config.data.pretrain_split])} unlabeled images")
+    if config.data.pretrain_sources:
+        where = f"a mixture of {len(config.data.pretrain_sources)} sources"
+    else:
+        where = f"{len(splits[config.data.pretrain_split])} unlabeled images"
+    echo(f"[1/4] {config.pretrain.method} pre-training on {where}")
     t0 = time.perf_counter()
     pretrained = run_pretraining(config, splits, resume=resume, show_progress=show_progress)
     durations["pretrain"] = time.perf_counter() - t0

@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.neighbors import KNeighborsClassifier
 
-from medfoundry.adapt.linear import expand_proba
+from medfoundry.adapt.selection import expand_proba
 
 
 class KNNProbe(ClassifierMixin, BaseEstimator):

@@ -5,17 +5,21 @@ understate the uncertainty; the bootstrap here draws whole patients with replace
 
 Each bootstrap resample is represented as a vector of integer sample weights (how often each sample was
 drawn), which lets every built-in metric be evaluated for all resamples at once with array operations.
+
+Single-label tasks pass integer labels (N,) and class probabilities (N, K) whose arg-max is the prediction;
+multi-label tasks pass 0/1 labels (N, K) and independent per-label probabilities (N, K), and only support
+the metrics in ``MULTILABEL_METRICS``.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
 from medfoundry.errors import DataError, MedfoundryError
 
@@ -24,6 +28,13 @@ MetricFn = Callable[[np.ndarray, np.ndarray], float]
 WeightedMetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 DEFAULT_METRICS: tuple[str, ...] = ("auroc", "accuracy", "balanced_accuracy")
+
+# Metrics for which a smaller value is better; every other metric is higher-is-better.
+LOWER_IS_BETTER: frozenset[str] = frozenset({"ece"})
+# Metrics defined for multi-label tasks (labels (N, K) of 0/1); the others need one class per sample.
+MULTILABEL_METRICS: frozenset[str] = frozenset({"auroc"})
+# Guo et al. (2017), "On calibration of modern neural networks", use 15 equal-width confidence bins.
+ECE_BINS = 15
 
 # Bounds the (chunk, N) float64 work arrays to ~32 MB each, so large test sets do not exhaust memory.
 _MAX_CHUNK_ELEMENTS = 4_000_000
@@ -43,12 +54,18 @@ class MetricValue:
 
 
 def auroc(y_true: np.ndarray, proba: np.ndarray) -> float:
-    """Area under the ROC curve; macro one-vs-rest over all K classes when K > 2. NaN if undefined."""
+    """Area under the ROC curve; macro one-vs-rest over all K classes when K > 2. NaN if undefined.
+
+    Multi-label (``y_true`` of shape (N, K)): the macro mean of the K per-label AUROCs, NaN when any
+    label has only one class, as for an absent class in the multi-class case.
+    """
     n_classes = proba.shape[1]
     with warnings.catch_warnings():
         # A single-class y_true is reported through the NaN return value instead.
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         try:
+            if y_true.ndim == 2:
+                return float(roc_auc_score(y_true, proba, average="macro"))
             if n_classes == 2:
                 return float(roc_auc_score(y_true, proba[:, 1]))
             return float(
@@ -71,10 +88,52 @@ def balanced_accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
         return float(balanced_accuracy_score(y_true, proba.argmax(axis=1)))
 
 
+def f1(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """F1 of the arg-max prediction: of the positive class 1 when K == 2, else the macro mean over classes.
+
+    Binary F1 scores class 1, the same class whose probability AUROC ranks. The macro mean runs over the
+    classes present in ``y_true`` or in the predictions (sklearn's default). NaN when undefined (binary: no
+    positive label and no positive prediction).
+    """
+    average = "binary" if proba.shape[1] == 2 else "macro"
+    return float(f1_score(y_true, proba.argmax(axis=1), average=average, zero_division=np.nan))
+
+
+def kappa(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Quadratic weighted Cohen's kappa of the arg-max prediction, for ordinal labels 0 < 1 < ... < K-1.
+
+    NaN when undefined (labels and predictions all of one and the same class).
+    """
+    pred = proba.argmax(axis=1)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        # sklearn warns and returns NaN for 0/0; the NaN return value reports it instead.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(cohen_kappa_score(y_true, pred, weights="quadratic", labels=list(range(proba.shape[1]))))
+
+
+def _ece_bins(confidence: np.ndarray) -> np.ndarray:
+    # Bin m covers ((m-1)/M, m/M], as in Guo et al.; a top-class confidence is never 0.
+    return np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
+
+
+def ece(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Expected calibration error of the top-class confidence with 15 equal-width bins; lower is better.
+
+    ECE = sum over bins of |B_m| / N * |accuracy(B_m) - mean confidence(B_m)| (Guo et al., 2017).
+    """
+    confidence = proba.max(axis=1)
+    gap = (proba.argmax(axis=1) == y_true) - confidence
+    per_bin = np.bincount(_ece_bins(confidence), weights=gap, minlength=ECE_BINS)
+    return float(np.abs(per_bin).sum() / y_true.shape[0])
+
+
 METRICS: dict[str, MetricFn] = {
     "auroc": auroc,
     "accuracy": accuracy,
     "balanced_accuracy": balanced_accuracy,
+    "f1": f1,
+    "kappa": kappa,
+    "ece": ece,
 }
 
 
@@ -111,6 +170,8 @@ def weighted_binary_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.
 
 def _weighted_auroc(y_true: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
     n_classes = proba.shape[1]
+    if y_true.ndim == 2:
+        return np.mean([weighted_binary_auroc(proba[:, k], y_true[:, k] == 1, weights) for k in range(n_classes)], 0)
     if n_classes == 2:
         return weighted_binary_auroc(proba[:, 1], y_true == 1, weights)
     # Macro one-vs-rest; NaN propagates when any class is absent, as sklearn cannot score that case either.
@@ -138,10 +199,57 @@ def _weighted_balanced_accuracy(y_true: np.ndarray, proba: np.ndarray, weights: 
     return np.sum(recalls, axis=0) / present.sum(axis=0)
 
 
+def _weighted_confusion(y_true: np.ndarray, pred: np.ndarray, n_classes: int, weights: np.ndarray) -> np.ndarray:
+    """Confusion matrices (B, K_true, K_pred) of every resample, from one matmul over a one-hot of the cells."""
+    cell = y_true * n_classes + pred
+    onehot = np.zeros((y_true.shape[0], n_classes * n_classes))
+    onehot[np.arange(y_true.shape[0]), cell] = 1.0
+    return (weights @ onehot).reshape(-1, n_classes, n_classes)
+
+
+def _weighted_f1(y_true: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    n_classes = proba.shape[1]
+    cm = _weighted_confusion(y_true, proba.argmax(axis=1), n_classes, weights)
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    # 2TP / (2TP + FP + FN) equals 2PR / (P + R) and stays defined when only one of P and R is.
+    denominator = cm.sum(axis=2) + cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(denominator > 0, 2.0 * tp / np.where(denominator > 0, denominator, 1.0), np.nan)
+    if n_classes == 2:
+        return per_class[:, 1]
+    present = denominator > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present, per_class, 0.0).sum(axis=1) / present.sum(axis=1)
+
+
+def _weighted_kappa(y_true: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    n_classes = proba.shape[1]
+    observed = _weighted_confusion(y_true, proba.argmax(axis=1), n_classes, weights)
+    total = observed.sum(axis=(1, 2))
+    expected = observed.sum(axis=2)[:, :, None] * observed.sum(axis=1)[:, None, :] / total[:, None, None]
+    grades = np.arange(n_classes)
+    penalty = (grades[:, None] - grades[None, :]) ** 2.0
+    disagreement = (observed * penalty).sum(axis=(1, 2))
+    chance = (expected * penalty).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(chance > 0, 1.0 - disagreement / np.where(chance > 0, chance, 1.0), np.nan)
+
+
+def _weighted_ece(y_true: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    confidence = proba.max(axis=1)
+    gap = (proba.argmax(axis=1) == y_true) - confidence
+    binned = np.zeros((y_true.shape[0], ECE_BINS))
+    binned[np.arange(y_true.shape[0]), _ece_bins(confidence)] = gap
+    return np.abs(weights @ binned).sum(axis=1) / weights.sum(axis=1)
+
+
 _WEIGHTED: dict[str, WeightedMetricFn] = {
     "auroc": _weighted_auroc,
     "accuracy": _weighted_accuracy,
     "balanced_accuracy": _weighted_balanced_accuracy,
+    "f1": _weighted_f1,
+    "kappa": _weighted_kappa,
+    "ece": _weighted_ece,
 }
 
 
@@ -162,8 +270,9 @@ def _validate(
         )
     n, n_classes = proba_arr.shape
     y_arr = np.asarray(y_true)
-    if y_arr.ndim != 1:
-        raise DataError(f"y_true must be one-dimensional, got shape {y_arr.shape}")
+    multilabel = y_arr.ndim == 2
+    if y_arr.ndim not in (1, 2):
+        raise DataError(f"y_true must be one-dimensional (or (N, K) 0/1 for multi-label), got shape {y_arr.shape}")
     if y_arr.shape[0] != n:
         raise DataError(f"length mismatch: y_true has {y_arr.shape[0]} samples but proba has {n}")
     if n == 0:
@@ -177,7 +286,20 @@ def _validate(
     elif y_arr.dtype.kind not in "iub":
         raise DataError(f"y_true must contain integer class indices, got dtype {y_arr.dtype}")
     y_int = y_arr.astype(np.int64)
-    if y_int.min() < 0 or y_int.max() >= n_classes:
+    if multilabel:
+        if y_arr.shape != proba_arr.shape:
+            raise DataError(
+                f"multi-label y_true has shape {y_arr.shape} but proba has shape {proba_arr.shape}; they must match"
+            )
+        if not np.isin(y_int, (0, 1)).all():
+            raise DataError("multi-label y_true must contain only 0 and 1")
+        unsupported = [m for m in metrics if m in METRICS and m not in MULTILABEL_METRICS]
+        if unsupported:
+            raise MedfoundryError(
+                f"metric(s) {', '.join(unsupported)} do not apply to multi-label labels; "
+                f"multi-label supports: {', '.join(sorted(MULTILABEL_METRICS))}"
+            )
+    elif y_int.min() < 0 or y_int.max() >= n_classes:
         raise DataError(
             f"y_true has labels in [{y_int.min()}, {y_int.max()}] but proba has {n_classes} columns "
             f"(labels must be 0..{n_classes - 1})"
@@ -189,7 +311,7 @@ def _validate(
         raise MedfoundryError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     if not 0.0 < confidence < 1.0:
         raise MedfoundryError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
-    if "auroc" in metrics and n_classes > 2:
+    if "auroc" in metrics and n_classes > 2 and not multilabel:
         row_sums = proba_arr.sum(axis=1)
         if not np.allclose(row_sums, 1.0, atol=1e-4):
             raise DataError(
@@ -207,6 +329,21 @@ def _validate(
     index: dict[Hashable, int] = {}
     patient_index = np.fromiter((index.setdefault(p, len(index)) for p in pids), dtype=np.int64, count=n)
     return y_int, proba_arr, patient_index, len(index)
+
+
+def resample_weights(patient_index: np.ndarray, n_patients: int, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
+    """Chunks of bootstrap sample weights (chunk, N): each row is one resample of whole patients.
+
+    Every sample of a patient inherits how often the patient was drawn. A caller that evaluates two
+    models on the same chunks gets a paired bootstrap.
+    """
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(patient_index.shape[0], n_patients))
+    uniform = np.full(n_patients, 1.0 / n_patients)
+    for start in range(0, n_bootstrap, chunk):
+        size = min(chunk, n_bootstrap - start)
+        patient_counts = rng.multinomial(n_patients, uniform, size=size)
+        yield patient_counts[:, patient_index].astype(np.float64)
 
 
 def _bootstrap_values(
@@ -263,16 +400,8 @@ def compute_metrics(
     if n_bootstrap == 0:
         return {name: MetricValue(point[name], float("nan"), float("nan")) for name in metrics}
 
-    rng = np.random.default_rng(seed)
-    n = y.shape[0]
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(n, n_patients))
     draws: dict[str, list[np.ndarray]] = {name: [] for name in metrics}
-    uniform = np.full(n_patients, 1.0 / n_patients)
-    for start in range(0, n_bootstrap, chunk):
-        size = min(chunk, n_bootstrap - start)
-        # How often each patient is drawn; every sample of a patient inherits that count as its weight.
-        patient_counts = rng.multinomial(n_patients, uniform, size=size)
-        weights = patient_counts[:, patient_index].astype(np.float64)
+    for weights in resample_weights(patient_index, n_patients, n_bootstrap, seed):
         for name in metrics:
             draws[name].append(_bootstrap_values(name, y, proba_arr, weights))
 

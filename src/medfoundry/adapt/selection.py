@@ -1,0 +1,77 @@
+"""Probes whose regularisation strength is picked from a grid by validation AUROC (linear and MLP probes)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.pipeline import Pipeline
+
+from medfoundry.evaluate.metrics import auroc
+
+
+def expand_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities over all ``n_classes`` labels, when a small training subset lacked some classes."""
+    if proba.shape[1] == n_classes and np.array_equal(classes, np.arange(n_classes)):
+        return proba
+    full = np.zeros((proba.shape[0], n_classes), dtype=np.float64)
+    full[:, classes.astype(int)] = proba
+    return full
+
+
+class GridSelectedProbe(ClassifierMixin, BaseEstimator):
+    """Fits one pipeline per grid value and keeps the one with the best validation AUROC.
+
+    Subclasses give the grid (``_grid``), the pipeline for one value (``_pipeline``) and which of two tied values
+    is the simpler model (``_simplicity``: larger is simpler). Without validation data (or with one class in it)
+    the middle of the grid is used. ``selected_`` is the chosen value, ``val_scores_`` the AUROC of each.
+    """
+
+    n_classes: int | None
+
+    def _grid(self) -> list[float]:
+        raise NotImplementedError
+
+    def _pipeline(self, value: float) -> Pipeline:
+        raise NotImplementedError
+
+    def _simplicity(self, value: float) -> float:
+        raise NotImplementedError
+
+    def _fit_one(self, value: float, X: np.ndarray, y: np.ndarray) -> Pipeline:
+        # Small separable label subsets can stop lbfgs at max_iter; a grid value is judged by its validation
+        # result, so an iteration budget reached is not reported as a warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return self._pipeline(value).fit(X, y)
+
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None
+    ) -> GridSelectedProbe:
+        self.classes_ = np.unique(y)
+        self.n_classes_ = self.n_classes or int(self.classes_.max() + 1)
+        grid = self._grid()
+        self.val_scores_: dict[float, float] = {}
+        if X_val is None or y_val is None or len(np.unique(y_val)) < 2:
+            self.selected_ = grid[len(grid) // 2]
+            self.model_ = self._fit_one(self.selected_, X, y)
+            return self
+        models = {}
+        for value in grid:
+            models[value] = self._fit_one(value, X, y)
+            self.val_scores_[value] = auroc(y_val, self._full_proba(models[value], X_val))
+        # Ties go to the simpler (more strongly regularised) model.
+        self.selected_ = max(grid, key=lambda v: (np.nan_to_num(self.val_scores_[v], nan=-1.0), self._simplicity(v)))
+        self.model_ = models[self.selected_]
+        return self
+
+    def _full_proba(self, model: Pipeline, X: np.ndarray) -> np.ndarray:
+        return expand_proba(model.predict_proba(X), model.classes_, self.n_classes_)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self._full_proba(self.model_, X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1)
