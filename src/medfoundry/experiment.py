@@ -66,7 +66,9 @@ def _labelled(images: ImageSet, split: str) -> np.ndarray:
 
 def load_splits(config: ExperimentConfig) -> Splits:
     splits = load_dataset(config.data.source)
-    needed = {config.data.pretrain_split, "train", config.evaluate.val_split, config.evaluate.eval_split}
+    needed = {"train", config.evaluate.val_split, config.evaluate.eval_split}
+    if not config.data.pretrain_sources:
+        needed.add(config.data.pretrain_split)
     missing = sorted(needed - set(splits))
     if missing:
         raise DataError(f"dataset lacks split(s) {missing}; found {sorted(splits)}", config.data.source)
