@@ -2,12 +2,15 @@
 
 Light augmentation (flips and 2 px shifts, done on tensors with a seeded generator so runs repeat), Adam,
 and early stopping on validation AUROC. Same fit / predict_proba shape as the probes, over ImageSets.
+The training loop, ``train_with_early_stopping``, is shared with fine-tuning (``medfoundry.adapt.finetune``).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +34,77 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
     dx, dy = (int(v) for v in torch.randint(0, 2 * shift + 1, (2,), generator=generator))
     return padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+
+
+@dataclass
+class TrainLog:
+    """What one early-stopped training run did; ``scores`` are (step, validation AUROC) pairs."""
+
+    steps: int = 0
+    best_step: int = 0
+    best_score: float = -np.inf
+    losses: list[float] = field(default_factory=list)
+    scores: list[tuple[int, float]] = field(default_factory=list)
+
+
+def train_with_early_stopping(
+    modules: Sequence[nn.Module],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    evaluate: Callable[[], float] | None,
+    *,
+    max_steps: int,
+    eval_every_steps: int,
+    patience_evals: int,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: bool = True,
+) -> TrainLog:
+    """The image-level training loop shared by the from-scratch baseline and fine-tuning.
+
+    Random mini-batches (optionally augmented), ``evaluate()`` (validation AUROC) every ``eval_every_steps``
+    and at the last step, stopping after ``patience_evals`` evaluations without a strict gain. ``modules``
+    end in the state of the best evaluation (the last step when there is no ``evaluate``).
+    """
+    log = TrainLog()
+    best_state = None
+    evals_without_gain = 0
+    batch = min(batch_size, len(x_train))
+    step = 0
+    for step in range(1, max_steps + 1):
+        for module in modules:
+            module.train()
+        index = torch.randperm(len(x_train), generator=generator)[:batch]
+        # BatchNorm cannot train on a batch of one sample.
+        if len(index) == 1:
+            index = index.repeat(2)
+        x = x_train[index]
+        # The flips and shifts are 2D; volumes go in as they are.
+        if augment and x.ndim == 4:
+            x = _augment(x, generator)
+        loss = loss_fn(x, y_train[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        log.losses.append(float(loss.detach()))
+        if evaluate is not None and (step % eval_every_steps == 0 or step == max_steps):
+            score = evaluate()
+            score = -np.inf if np.isnan(score) else score
+            log.scores.append((step, score))
+            if score > log.best_score:
+                log.best_score, log.best_step, evals_without_gain = score, step, 0
+                best_state = [copy.deepcopy(module.state_dict()) for module in modules]
+            else:
+                evals_without_gain += 1
+                if evals_without_gain >= patience_evals:
+                    break
+    if best_state is not None:
+        for module, state in zip(modules, best_state, strict=True):
+            module.load_state_dict(state)
+    log.steps = step
+    return log
 
 
 class SupervisedFromScratch:
@@ -58,35 +132,22 @@ class SupervisedFromScratch:
         self.head = nn.Linear(self.encoder.embed_dim, self.n_classes)
         params = list(self.encoder.parameters()) + list(self.head.parameters())
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        generator = torch.Generator().manual_seed(self.seed)
-        x_train, y_train = _stack(train), torch.as_tensor(train.labels, dtype=torch.long)
         x_val = _stack(val) if val is not None else None
-        best_score, best_state, evals_without_gain, self.best_step_ = -np.inf, None, 0, 0
-        batch = min(cfg.batch_size, len(x_train))
-        for step in range(1, cfg.max_steps + 1):
-            self.encoder.train()
-            index = torch.randperm(len(x_train), generator=generator)[:batch]
-            # BatchNorm cannot train on a batch of one sample.
-            if len(index) == 1:
-                index = index.repeat(2)
-            loss = F.cross_entropy(self._logits(_augment(x_train[index], generator)), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if x_val is not None and (step % cfg.eval_every_steps == 0 or step == cfg.max_steps):
-                score = auroc(val.labels, self._proba(x_val))
-                score = -np.inf if np.isnan(score) else score
-                if score > best_score:
-                    best_score, evals_without_gain, self.best_step_ = score, 0, step
-                    best_state = copy.deepcopy((self.encoder.state_dict(), self.head.state_dict()))
-                else:
-                    evals_without_gain += 1
-                    if evals_without_gain >= cfg.patience_evals:
-                        break
-        if best_state is not None:
-            self.encoder.load_state_dict(best_state[0])
-            self.head.load_state_dict(best_state[1])
-        self.steps_ = step
+        evaluate = (lambda: auroc(val.labels, self._proba(x_val))) if val is not None else None
+        log = train_with_early_stopping(
+            [self.encoder, self.head],
+            lambda x, y: F.cross_entropy(self._logits(x), y),
+            optimizer,
+            _stack(train),
+            torch.as_tensor(train.labels, dtype=torch.long),
+            evaluate,
+            max_steps=cfg.max_steps,
+            eval_every_steps=cfg.eval_every_steps,
+            patience_evals=cfg.patience_evals,
+            batch_size=cfg.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        self.steps_, self.best_step_ = log.steps, log.best_step
         self.seconds_ = time.perf_counter() - started
         self.trainable_parameters_ = sum(p.numel() for p in params)
         return self

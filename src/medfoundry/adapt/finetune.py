@@ -1,0 +1,228 @@
+"""Fine-tuning an encoder on the labelled images: full (with layer-wise learning-rate decay) or LoRA.
+
+Full fine-tuning follows BEiT / RETFound: AdamW whose learning rate shrinks by ``layer_decay`` per block going
+down a ViT (patch embedding, CLS and position tokens at layer 0, block ``i`` at layer ``i + 1``, the final norm
+and the head on top), so the pre-trained lower layers move least. LoRA (through peft) adds rank-``r`` updates
+to the fused ``qkv`` projections of a timm ViT and trains only those and the head; ``merged_encoder()`` folds
+them back into a plain timm model, so the result saves and loads like any other encoder.
+
+Both use the training loop of the from-scratch baseline (random batches, light augmentation, early stopping on
+validation AUROC, best weights restored) and the same ``fit`` / ``predict_proba`` shape over ImageSets. They
+work on images, not on feature arrays, so they are not in the feature-adapter registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medfoundry.adapt.embed import prepare_batch
+from medfoundry.adapt.supervised import TrainLog, _stack, train_with_early_stopping
+from medfoundry.data.sample import ImageSet
+from medfoundry.errors import ModelError
+from medfoundry.evaluate.metrics import auroc
+from medfoundry.models.backbones import Encoder, is_vit
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_EMBEDDING_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token", "mask_token")
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """Layer of a ViT backbone parameter for layer-wise decay: embeddings 0, block i -> i + 1, the rest on top."""
+    if name.startswith(_EMBEDDING_PARAMS) or name.startswith("patch_embed"):
+        return 0
+    match = _BLOCK.match(name)
+    if match:
+        return int(match.group(1)) + 1
+    return num_layers + 1
+
+
+def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    # As in BEiT/MAE fine-tuning: biases, norm scales and the learned tokens are not shrunk towards zero.
+    return param.ndim <= 1 or name.startswith(_EMBEDDING_PARAMS)
+
+
+def layer_decay_param_groups(
+    backbone: nn.Module, head: nn.Module, lr: float, weight_decay: float, layer_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups with ``lr * layer_decay ** (num_layers + 1 - layer_id)``; one layer for non-ViT backbones.
+
+    Each group carries ``layer_id`` and ``lr_scale`` so the schedule can be checked and reported.
+    """
+    vit = is_vit(backbone)
+    num_layers = len(backbone.blocks) if vit else 0
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+
+    def add(name: str, param: nn.Parameter, layer_id: int) -> None:
+        if not param.requires_grad:
+            return
+        no_decay = _no_weight_decay(name, param)
+        key = (layer_id, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (num_layers + 1 - layer_id)
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "layer_id": layer_id,
+                "lr_scale": scale,
+                "lr": lr * scale,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            }
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+
+    for name, param in backbone.named_parameters():
+        # Without blocks to count there is no depth to decay over: the whole backbone is the top layer.
+        add(name, param, vit_layer_id(name, num_layers) if vit else num_layers + 1)
+    for name, param in head.named_parameters():
+        add(f"head.{name}", param, num_layers + 1)
+    return [groups[key] for key in sorted(groups)]
+
+
+def _has_qkv(backbone: nn.Module) -> bool:
+    return any(name.split(".")[-1] == "qkv" and isinstance(m, nn.Linear) for name, m in backbone.named_modules())
+
+
+class FineTuner:
+    """An encoder plus a linear head on its pooled feature, trained end to end (``full``) or with LoRA.
+
+    ``fit`` leaves the input encoder untouched: it trains a copy (``encoder_``). ``history_`` holds the
+    training losses and the (step, validation AUROC) pairs; ``best_score_`` is the AUROC of the weights kept.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        n_classes: int,
+        mode: Literal["full", "lora"] = "full",
+        lr: float = 1e-3,
+        layer_decay: float = 0.75,
+        weight_decay: float = 0.05,
+        max_steps: int = 200,
+        eval_every_steps: int = 20,
+        patience_evals: int = 4,
+        batch_size: int = 64,
+        seed: int = 0,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        augment: bool = True,
+    ) -> None:
+        if mode not in ("full", "lora"):
+            raise ModelError(f"unknown fine-tuning mode '{mode}': use 'full' or 'lora'")
+        if mode == "lora" and not _has_qkv(encoder.backbone):
+            raise ModelError(
+                f"LoRA needs a ViT with fused 'qkv' linear projections; backbone '{encoder.timm_name}' has none"
+            )
+        if not 0.0 < layer_decay <= 1.0:
+            raise ModelError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        self.encoder = encoder
+        self.n_classes = n_classes
+        self.mode = mode
+        self.lr = lr
+        self.layer_decay = layer_decay
+        self.weight_decay = weight_decay
+        self.max_steps = max_steps
+        self.eval_every_steps = eval_every_steps
+        self.patience_evals = patience_evals
+        self.batch_size = batch_size
+        self.seed = seed
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.augment = augment
+
+    def build(self) -> FineTuner:
+        """Copy the encoder, add the head (and LoRA) and the optimizer; ``fit`` calls it first."""
+        # Seeded here so the head and the LoRA matrices start the same for the same seed.
+        torch.manual_seed(self.seed)
+        self.encoder_ = copy.deepcopy(self.encoder)
+        self.head_ = nn.Linear(self.encoder_.embed_dim, self.n_classes)
+        if self.mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=self.lora_rank,
+                lora_alpha=self.lora_alpha,
+                lora_dropout=self.lora_dropout,
+                target_modules=["qkv"],
+            )
+            # get_peft_model freezes every base parameter; only lora_A / lora_B stay trainable.
+            self.encoder_.backbone = get_peft_model(self.encoder_.backbone, config)
+            params = [p for p in self.encoder_.parameters() if p.requires_grad] + list(self.head_.parameters())
+            # LoRA has no depth to decay over: every trainable tensor gets the base rate.
+            self.param_groups_ = [{"params": params, "lr": self.lr, "weight_decay": self.weight_decay}]
+        else:
+            for param in self.encoder_.parameters():
+                param.requires_grad_(True)
+            self.param_groups_ = layer_decay_param_groups(
+                self.encoder_.backbone, self.head_, self.lr, self.weight_decay, self.layer_decay
+            )
+        self.optimizer_ = torch.optim.AdamW(self.param_groups_, lr=self.lr)
+        self.trainable_parameters_ = sum(p.numel() for group in self.param_groups_ for p in group["params"])
+        self.total_parameters_ = sum(p.numel() for p in self.encoder_.parameters()) + sum(
+            p.numel() for p in self.head_.parameters()
+        )
+        return self
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_(self.encoder_(prepare_batch(self.encoder_, x)))
+
+    @torch.inference_mode()
+    def _proba(self, x: torch.Tensor) -> np.ndarray:
+        self.encoder_.eval()
+        self.head_.eval()
+        chunks = [F.softmax(self._logits(x[i : i + 256]), dim=1) for i in range(0, len(x), 256)]
+        return torch.cat(chunks).double().numpy()
+
+    def fit(self, train: ImageSet, val: ImageSet | None = None) -> FineTuner:
+        if train.labels is None or np.asarray(train.labels).ndim != 1:
+            raise ModelError("fine-tuning needs single-label training images (labels of shape (N,))", train.source)
+        started = time.perf_counter()
+        self.build()
+        x_val = _stack(val) if val is not None else None
+        evaluate = (lambda: auroc(np.asarray(val.labels), self._proba(x_val))) if val is not None else None
+        self.history_: TrainLog = train_with_early_stopping(
+            [self.encoder_, self.head_],
+            lambda x, y: F.cross_entropy(self._logits(x), y),
+            self.optimizer_,
+            _stack(train),
+            torch.as_tensor(train.labels, dtype=torch.long),
+            evaluate,
+            max_steps=self.max_steps,
+            eval_every_steps=self.eval_every_steps,
+            patience_evals=self.patience_evals,
+            batch_size=self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
+            augment=self.augment,
+        )
+        self.steps_, self.best_step_, self.best_score_ = (
+            self.history_.steps,
+            self.history_.best_step,
+            self.history_.best_score,
+        )
+        self.seconds_ = time.perf_counter() - started
+        return self
+
+    def predict_proba(self, images: ImageSet) -> np.ndarray:
+        return self._proba(_stack(images))
+
+    def merged_encoder(self) -> Encoder:
+        """The trained encoder as a plain timm model (LoRA merged into ``qkv``), ready for ``save_encoder``."""
+        if not hasattr(self, "encoder_"):
+            raise ModelError("the fine-tuner has not been fitted (call fit or build first)")
+        encoder = copy.deepcopy(self.encoder_)
+        if self.mode == "lora":
+            # merge_and_unload adds B @ A * alpha / r to each qkv weight and strips the peft wrappers,
+            # leaving timm's own module tree and parameter names.
+            encoder.backbone = encoder.backbone.merge_and_unload()
+        for param in encoder.parameters():
+            param.requires_grad_(True)
+        return encoder.eval()
