@@ -166,9 +166,7 @@ def load_manifest(
     )
 
 
-def load_image_folder(
-    root: str | Path, *, image_size: ImageSize | None = None, channels: int | None = None
-) -> Splits:
+def load_image_folder(root: str | Path, *, image_size: ImageSize | None = None, channels: int | None = None) -> Splits:
     """Load ``root/<class>/*.{png,jpg,jpeg,tif,tiff,bmp}`` or ``root/<split>/<class>/...``.
 
     The split layout is used when any of ``train``, ``val`` or ``test`` exists under ``root``. Class
