@@ -10,10 +10,13 @@ import torch
 
 from medfoundry.adapt.embed import prepare_batch
 from medfoundry.adapt.finetune import FineTuner, layer_decay_param_groups
+from medfoundry.config import ExperimentConfig, load_config
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import ModelError
 from medfoundry.evaluate.metrics import auroc
+from medfoundry.evaluate.results import read_results
+from medfoundry.experiment import run_experiment
 from medfoundry.models.backbones import create_encoder
 from medfoundry.models.checkpoint import load_encoder, save_encoder
 
@@ -162,3 +165,37 @@ def test_full_finetune_learns_and_keeps_best_weights(data: tuple[ImageSet, Image
     again = fit()
     assert again.history_.losses == losses and again.history_.scores == scores
     np.testing.assert_array_equal(again.predict_proba(val), tuner.predict_proba(val))
+
+
+def test_run_experiment_with_finetuning_cells(breastmnist_npz: Path, tmp_path: Path) -> None:
+    """`finetune.modes: [full, lora]` adds fine-tuning cells on the same label subsets, with predictions files."""
+    torch.set_num_threads(1)
+    archive = np.load(breastmnist_npz)
+    small = tmp_path / "breast_small.npz"
+    np.savez(small, **{key: archive[key][:64] if key.startswith("train") else archive[key] for key in archive.files})
+    settings = [
+        f"data.source={small}",
+        f"output_dir={tmp_path / 'run'}",
+        "pretrain.epochs=1",
+        "pretrain.batch_size=32",
+        "pretrain.tensorboard=false",
+        "pretrain.views.n_local_views=2",
+        "pretrain.dino.out_dim=64",
+        "random_init_baseline=false",
+        "adapt.adapters=[knn]",
+        "adapt.label_fractions=[1.0]",
+        "adapt.seeds=[0]",
+        "supervised_baseline.enabled=false",
+        "finetune.modes=[full, lora]",
+        "finetune.max_steps=4",
+        "finetune.eval_every_steps=2",
+        "finetune.batch_size=32",
+        "evaluate.n_bootstrap=50",
+    ]
+    config = load_config(ExperimentConfig, Path("configs/demo/breastmnist_dino.yaml"), settings)
+    out = run_experiment(config, show_progress=False, echo=lambda _: None)
+    records = read_results(out.results_path).records
+    assert {r.adapter for r in records} == {"knn", "finetune-full", "finetune-lora"}
+    tuned = [r for r in records if r.adapter.startswith("finetune")]
+    assert len(tuned) == 2 * 3 and all(r.n_train == 64 and r.n_test == 156 for r in tuned)
+    assert (tmp_path / "run" / "predictions" / "dino__finetune-lora__1__0.csv").is_file()

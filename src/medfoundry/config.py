@@ -253,6 +253,23 @@ class SupervisedBaselineConfig(StrictModel):
     weight_decay: float = 1e-4
 
 
+class FineTuneConfig(StrictModel):
+    """End-to-end adaptation of the pre-trained encoder on the same label subsets (off by default: it is the slow
+    rung of the ladder). ``full`` trains everything with layer-wise LR decay, ``lora`` only low-rank qkv updates."""
+
+    modes: list[Literal["full", "lora"]] = Field(default_factory=list)
+    lr: float = 1e-3
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    max_steps: int = 200
+    eval_every_steps: int = 20
+    patience_evals: int = 4
+    batch_size: int = 64
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+
+
 class EvaluateConfig(StrictModel):
     metrics: list[str] = ["auroc", "accuracy", "balanced_accuracy"]
     n_bootstrap: int = 1000
@@ -273,6 +290,7 @@ class ExperimentConfig(StrictModel):
     embed: EmbedConfig = EmbedConfig()
     adapt: AdaptConfig = AdaptConfig()
     supervised_baseline: SupervisedBaselineConfig = SupervisedBaselineConfig()
+    finetune: FineTuneConfig = FineTuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     random_init_baseline: bool = True
 

@@ -20,6 +20,7 @@ import torch
 
 import medfoundry.ssl.methods  # noqa: F401  (registers the methods)
 from medfoundry.adapt.embed import Embeddings, embed
+from medfoundry.adapt.finetune import FineTuner
 from medfoundry.adapt.registry import create_adapter
 from medfoundry.adapt.supervised import SupervisedFromScratch
 from medfoundry.config import ExperimentConfig, dump_config
@@ -261,6 +262,41 @@ def _scratch_records(
     return records
 
 
+def _finetune_records(
+    config: ExperimentConfig, encoder_dir: Path, data: tuple[ImageSet, ImageSet, ImageSet], n_classes: int
+) -> list[ResultRecord]:
+    """The pre-trained encoder fine-tuned end to end (``full``) or with LoRA, on the probes' label subsets."""
+    train, val, test = data
+    tune = config.finetune
+    y_train = np.asarray(train.labels)
+    encoder = load_encoder(encoder_dir, pool=config.model.pool)
+    data_hash = hash_json(
+        [weights_hash(encoder.backbone), train.fingerprint(), val.fingerprint(), test.fingerprint(), tune.model_dump()]
+    )
+    records: list[ResultRecord] = []
+    for mode in tune.modes:
+        for fraction in config.adapt.label_fractions:
+            for seed in config.adapt.seeds:
+                subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
+
+                def train_predict(
+                    subset: np.ndarray = subset, seed: int = seed, mode: str = mode
+                ) -> tuple[np.ndarray, int]:
+                    settings = tune.model_dump(exclude={"modes"})
+                    tuner = FineTuner(encoder, n_classes, mode=mode, seed=seed, **settings)
+                    tuner.fit(train.subset(subset), val)
+                    return tuner.predict_proba(test), len(subset)
+
+                key = {
+                    "model": config.pretrain.method,
+                    "adapter": f"finetune-{mode}",
+                    "label_fraction": fraction,
+                    "seed": seed,
+                }
+                records += _evaluate_cell(config, key, data_hash, train_predict, test)
+    return records
+
+
 def run_experiment(
     config: ExperimentConfig,
     resume: bool = True,
@@ -329,6 +365,11 @@ def run_experiment(
         t0 = time.perf_counter()
         records += _scratch_records(config, (train, val, test), n_classes)
         durations["supervised_baseline"] = time.perf_counter() - t0
+    if config.finetune.modes:
+        echo(f"[+] fine-tuning {config.pretrain.method} ({', '.join(config.finetune.modes)}) on the same label budgets")
+        t0 = time.perf_counter()
+        records += _finetune_records(config, pretrained.encoder_dir, (train, val, test), n_classes)
+        durations["finetune"] = time.perf_counter() - t0
     durations["total"] = time.perf_counter() - started
 
     results = ResultsFile(
