@@ -28,25 +28,19 @@ from medfoundry.adapt.supervised import TrainLog, _stack, train_with_early_stopp
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import ModelError
 from medfoundry.evaluate.metrics import auroc
-from medfoundry.models.backbones import Encoder, is_vit
+from medfoundry.models.backbones import TOKEN_PARAMETERS, Encoder, is_vit, skips_weight_decay
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-_EMBEDDING_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token", "mask_token")
 
 
 def vit_layer_id(name: str, num_layers: int) -> int:
     """Layer of a ViT backbone parameter for layer-wise decay: embeddings 0, block i -> i + 1, the rest on top."""
-    if name.startswith(_EMBEDDING_PARAMS) or name.startswith("patch_embed"):
+    if name.startswith(TOKEN_PARAMETERS) or name.startswith("patch_embed"):
         return 0
     match = _BLOCK.match(name)
     if match:
         return int(match.group(1)) + 1
     return num_layers + 1
-
-
-def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    # As in BEiT/MAE fine-tuning: biases, norm scales and the learned tokens are not shrunk towards zero.
-    return param.ndim <= 1 or name.startswith(_EMBEDDING_PARAMS)
 
 
 def layer_decay_param_groups(
@@ -63,7 +57,7 @@ def layer_decay_param_groups(
     def add(name: str, param: nn.Parameter, layer_id: int) -> None:
         if not param.requires_grad:
             return
-        no_decay = _no_weight_decay(name, param)
+        no_decay = skips_weight_decay(name, param)
         key = (layer_id, no_decay)
         if key not in groups:
             scale = layer_decay ** (num_layers + 1 - layer_id)

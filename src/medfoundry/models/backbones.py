@@ -107,6 +107,15 @@ def resolve_backbone(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
     )
 
 
+# Learned tokens and position embeddings (timm's names, and MONAI's ``position_embeddings`` in the 3D ViT).
+TOKEN_PARAMETERS = ("cls_token", "pos_embed", "reg_token", "dist_token", "mask_token", "position_embeddings")
+
+
+def skips_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm scales, tokens and position embeddings are not shrunk towards zero (timm, DINO, BEiT)."""
+    return param.ndim <= 1 or name.rsplit(".", 1)[-1] in TOKEN_PARAMETERS
+
+
 def is_vit(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") and hasattr(model, "blocks")
 

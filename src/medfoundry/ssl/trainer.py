@@ -31,7 +31,7 @@ from medfoundry.data.mixture import ConvertedChannels, MixedImageSet
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import MedfoundryError
 from medfoundry.io_utils import atomic_path, ensure_writable_dir, hash_json, write_json_atomic
-from medfoundry.models.backbones import Encoder
+from medfoundry.models.backbones import Encoder, skips_weight_decay
 from medfoundry.models.checkpoint import save_encoder
 from medfoundry.ssl.base import SSL_METHODS, SSLMethod
 from medfoundry.ssl.monitor import CollapseMonitor
@@ -84,10 +84,7 @@ def _optimizer(method: SSLMethod, config: PretrainConfig) -> torch.optim.Optimiz
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            # Biases, norms, tokens and position embeddings are not decayed (DINO, timm convention); MONAI's
-            # patch embedding (3D ViT) names its position embedding ``position_embeddings``.
-            no_decay_names = ("cls_token", "pos_embed", "reg_token", "position_embeddings")
-            (no_decay if param.ndim <= 1 or name.endswith(no_decay_names) else decay).append(param)
+            (no_decay if skips_weight_decay(name, param) else decay).append(param)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
