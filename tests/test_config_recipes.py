@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from medfoundry.config import ExperimentConfig, load_config
+from medfoundry.config import ExperimentConfig, SuiteConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+SUITES = sorted((REPO_ROOT / "configs" / "suites").glob("*.yaml"))
+RECIPES = sorted(set((REPO_ROOT / "configs").rglob("*.yaml")) - set(SUITES))
 
 
 def test_there_is_a_recipe_per_method() -> None:
@@ -21,3 +22,16 @@ def test_there_is_a_recipe_per_method() -> None:
 def test_recipe_validates(recipe: Path) -> None:
     config = load_config(ExperimentConfig, recipe)
     assert config.pretrain.epochs > 0 and config.output_dir.parts[0] == "runs"
+
+
+def test_there_is_a_suite_per_domain() -> None:
+    assert {"breastmnist", "kermany", "idrid", "osteosarcoma"} <= {path.stem for path in SUITES}
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda path: str(path.relative_to(REPO_ROOT)))
+def test_suite_validates(suite: Path) -> None:
+    config = load_config(SuiteConfig, suite)
+    assert config.output_dir.parts[0] == "runs"
+    for encoder in config.encoders:
+        if encoder.recipe is not None:
+            assert (REPO_ROOT / encoder.recipe).is_file(), encoder.recipe

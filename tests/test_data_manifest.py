@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import expect_data_error
 from PIL import Image
 
-from medfoundry.data.manifest import FileImageSet, load_image_folder, load_manifest
+from medfoundry.data import manifest
+from medfoundry.data.manifest import CropFileImageSet, FileImageSet, load_image_folder, load_manifest
+from medfoundry.data.splits import patient_split
 from medfoundry.errors import DataError
 
 KERMANY = "kermany_cxr_224_trainsubset"
@@ -41,15 +46,6 @@ def _kermany_rows(kermany: dict[str, list[Path]]) -> list[list[str]]:
         for i, path in enumerate(paths):
             rows.append([str(path), label, _patient(path), "val" if i == 0 else "train"])
     return rows
-
-
-def _expect_error(call: object, path: Path, *fragments: str) -> None:
-    with pytest.raises(DataError) as info:
-        call()  # type: ignore[operator]
-    message = str(info.value)
-    assert str(path) in message and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def test_manifest_with_patients_and_splits(tmp_path: Path, kermany: dict[str, list[Path]]) -> None:
@@ -164,19 +160,19 @@ def test_whole_kermany_folder(shared_data: Path) -> None:
 
 def test_missing_column_lists_found(tmp_path: Path) -> None:
     csv_path = _write_csv(tmp_path / "cols.csv", ["file", "diagnosis"], [["a.png", "x"]])
-    _expect_error(lambda: load_manifest(csv_path), csv_path, "['path', 'label']", "['file', 'diagnosis']")
+    expect_data_error(lambda: load_manifest(csv_path), csv_path, "['path', 'label']", "['file', 'diagnosis']")
 
 
 def test_missing_image_names_path_and_row(tmp_path: Path, kermany: dict[str, list[Path]]) -> None:
     rows = [[str(kermany["NORMAL"][0]), "0"], ["gone.png", "1"]]
     csv_path = _write_csv(tmp_path / "gone.csv", ["path", "label"], rows)
-    _expect_error(lambda: load_manifest(csv_path), csv_path, "row 3", str(tmp_path / "gone.png"), "does not exist")
+    expect_data_error(lambda: load_manifest(csv_path), csv_path, "row 3", str(tmp_path / "gone.png"), "does not exist")
 
 
 def test_missing_label_names_row(tmp_path: Path, kermany: dict[str, list[Path]]) -> None:
     rows = [[str(kermany["NORMAL"][0]), "NORMAL"], [str(kermany["NORMAL"][1]), " "]]
     csv_path = _write_csv(tmp_path / "nolabel.csv", ["path", "label"], rows)
-    _expect_error(lambda: load_manifest(csv_path), csv_path, "row 3", "missing label")
+    expect_data_error(lambda: load_manifest(csv_path), csv_path, "row 3", "missing label")
 
 
 def test_unreadable_image_names_file(tmp_path: Path) -> None:
@@ -184,20 +180,20 @@ def test_unreadable_image_names_file(tmp_path: Path) -> None:
     fake.write_text("this is not a JPEG")
     csv_path = _write_csv(tmp_path / "fake.csv", ["path", "label"], [["fake.jpg", "0"]])
     train = load_manifest(csv_path)["train"]
-    _expect_error(lambda: train.load(0), fake, "cannot read image")
+    expect_data_error(lambda: train.load(0), fake, "cannot read image")
 
 
 def test_missing_csv_and_empty_folders(tmp_path: Path) -> None:
-    _expect_error(lambda: load_manifest(tmp_path / "none.csv"), tmp_path / "none.csv", "not found")
+    expect_data_error(lambda: load_manifest(tmp_path / "none.csv"), tmp_path / "none.csv", "not found")
     (tmp_path / "cls").mkdir()
-    _expect_error(lambda: load_image_folder(tmp_path), tmp_path, "no images")
-    _expect_error(lambda: load_image_folder(tmp_path / "nothing"), tmp_path / "nothing", "not found")
+    expect_data_error(lambda: load_image_folder(tmp_path), tmp_path, "no images")
+    expect_data_error(lambda: load_image_folder(tmp_path / "nothing"), tmp_path / "nothing", "not found")
 
 
 def test_mixed_split_and_class_folders(tmp_path: Path) -> None:
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "b").mkdir()
-    _expect_error(lambda: load_image_folder(tmp_path), tmp_path, "mixes split folders")
+    expect_data_error(lambda: load_image_folder(tmp_path), tmp_path, "mixes split folders")
 
 
 def test_channels_option_converts_rgb_xrays_to_grey(kermany: dict[str, list[Path]]) -> None:
@@ -208,3 +204,116 @@ def test_channels_option_converts_rgb_xrays_to_grey(kermany: dict[str, list[Path
     assert grey.fingerprint() != load_image_folder(root, image_size=64)["train"].fingerprint()
     with pytest.raises(DataError, match="channels must be 1"):
         load_image_folder(root, channels=2)
+
+
+OSTEO_OPTIONS = dict(path_column="file", label_column="label_index", patient_column="source_image_id")
+# One Kermany patient per id: personN for pneumonia, (NORMAL2-)IM-NNNN for normal (IM-0115-0001, IM-0119-0001-0002).
+KERMANY_PATIENT = r"^(person\d+|(?:NORMAL2-)?IM-\d+)[-_]"
+
+
+def test_osteosarcoma_tiles_as_grid_crops(shared_data: Path) -> None:
+    csv_path = shared_data / "osteosarcoma_tcia_tiles_60" / "labels.csv"
+    train = load_manifest(csv_path, **OSTEO_OPTIONS, class_name_column="label", crop_size=224)["train"]
+    # 1024 px tiles: 4 x 4 crops at stride 224, the last 128 px dropped.
+    assert isinstance(train, CropFileImageSet) and len(train) == 960
+    assert train.class_names == ["Non-Tumor", "Non-Viable-Tumor", "Viable"]
+    assert np.bincount(train.labels).tolist() == [320, 320, 320]
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    first = Path(rows[0]["file"]).stem
+    assert train.ids[:5] == [f"{first}@0_0", f"{first}@224_0", f"{first}@448_0", f"{first}@672_0", f"{first}@0_224"]
+    assert train.ids[15] == f"{first}@672_672" and len(set(train.ids)) == 960
+    # All crops of a tile share its group id and label, and no two tiles share one.
+    for tile, row in enumerate(rows):
+        block = slice(16 * tile, 16 * (tile + 1))
+        assert set(train.patient_ids[block]) == {row["source_image_id"]}
+        assert set(train.labels[block].tolist()) == {int(row["label_index"])}
+    assert len(set(train.patient_ids)) == 60
+    crop = train.load(5)  # tile 0, corner (224, 224)
+    assert crop.shape == (3, 224, 224) and crop.dtype == np.uint8
+    tile = np.asarray(Image.open(csv_path.parent / rows[0]["file"]))
+    np.testing.assert_array_equal(crop.transpose(1, 2, 0), tile[224:448, 224:448])
+
+
+def test_crops_never_straddle_a_patient_split(shared_data: Path) -> None:
+    csv_path = shared_data / "osteosarcoma_tcia_tiles_60" / "labels.csv"
+    train = load_manifest(csv_path, **OSTEO_OPTIONS, crop_size=224, image_size=32)["train"]
+    assert train.load(17).shape == (3, 32, 32)
+    parts = patient_split(train.patient_ids, train.labels, fractions=(0.8, 0.2), seed=0)
+    tiles = [{train.ids[i].split("@")[0] for i in part} for part in parts.values()]
+    assert not tiles[0] & tiles[1] and len(tiles[0] | tiles[1]) == 60
+
+
+def test_crop_stride_grid_and_errors(tmp_path: Path) -> None:
+    Image.fromarray(np.arange(70 * 100, dtype=np.uint32).reshape(70, 100).astype(np.uint8)).save(tmp_path / "a.png")
+    csv_path = _write_csv(tmp_path / "c.csv", ["path", "label", "split"], [["a.png", "1", "test"]])
+    test = load_manifest(csv_path, crop_size=32, crop_stride=16)["test"]
+    # x in 0, 16, 32, 48, 64 and y in 0, 16, 32.
+    assert len(test) == 15 and test.ids[-1] == "a@64_32" and test.patient_ids == ["a"] * 15
+    pixels = np.asarray(Image.open(tmp_path / "a.png"))
+    np.testing.assert_array_equal(test.load(6)[0], pixels[16:48, 16:48])
+    plain = load_manifest(csv_path)["test"]
+    assert plain.fingerprint() != test.fingerprint()
+    assert load_manifest(csv_path, crop_size=32)["test"].fingerprint() != test.fingerprint()
+    expect_data_error(lambda: load_manifest(csv_path, crop_size=80), tmp_path / "a.png", "100x70", "crop_size 80")
+    expect_data_error(lambda: load_manifest(csv_path, crop_stride=8), csv_path, "crop_stride needs crop_size")
+    expect_data_error(lambda: load_manifest(csv_path, crop_size=0), csv_path, "must be positive")
+
+
+def test_crop_cache_decodes_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a", "b"):
+        Image.fromarray(np.full((64, 64), ord(name), np.uint8)).save(tmp_path / f"{name}.png")
+    csv_path = _write_csv(tmp_path / "c.csv", ["path", "label"], [["a.png", "0"], ["b.png", "1"]])
+    train = load_manifest(csv_path, crop_size=32)["train"]
+    decoded: list[Path] = []
+    real = manifest.decode_image
+    monkeypatch.setattr(manifest, "decode_image", lambda path, channels=None: decoded.append(path) or real(path))
+    assert [int(train.load(i)[0, 0, 0]) for i in range(8)] == [ord("a")] * 4 + [ord("b")] * 4
+    assert decoded == [tmp_path / "a.png", tmp_path / "b.png"]
+    assert pickle.loads(pickle.dumps(train))._last is None
+
+
+def test_class_name_column_checks(tmp_path: Path, kermany: dict[str, list[Path]]) -> None:
+    paths = [str(p) for p in kermany["NORMAL"][:3]]
+    rows = [[paths[0], "0", "normal"], [paths[1], "2", "pneumonia"], [paths[2], "0", "normal"]]
+    csv_path = _write_csv(tmp_path / "n.csv", ["path", "label", "name"], rows)
+    # Index 1 has no rows: it keeps its number as its name.
+    assert load_manifest(csv_path, class_name_column="name")["train"].class_names == ["normal", "1", "pneumonia"]
+    rows[2][2] = "healthy"
+    clash = _write_csv(tmp_path / "clash.csv", ["path", "label", "name"], rows)
+    expect_data_error(lambda: load_manifest(clash, class_name_column="name"), clash, "row 4", "'healthy'", "'normal'")
+    text = _write_csv(tmp_path / "t.csv", ["path", "label", "name"], [[paths[0], "a", "x"]])
+    expect_data_error(lambda: load_manifest(text, class_name_column="name"), text, "integer label column")
+    expect_data_error(lambda: load_manifest(csv_path, class_name_column="nope"), csv_path, "['nope']")
+
+
+def test_named_patient_column_must_exist(tmp_path: Path, kermany: dict[str, list[Path]]) -> None:
+    csv_path = _write_csv(tmp_path / "p.csv", ["path", "label"], [[str(kermany["NORMAL"][0]), "0"]])
+    expect_data_error(lambda: load_manifest(csv_path, patient_column="subject"), csv_path, "['subject']")
+
+
+def test_kermany_patients_from_file_names(shared_data: Path) -> None:
+    train = load_image_folder(shared_data / KERMANY, patient_regex=KERMANY_PATIENT)["train"]
+    patients = dict(zip(train.ids, train.patient_ids, strict=True))
+    assert patients["NORMAL/IM-0115-0001"] == "IM-0115"
+    assert patients["NORMAL/NORMAL2-IM-0395-0001-0001"] == "NORMAL2-IM-0395"
+    assert patients["PNEUMONIA/person1000_bacteria_2931"] == "person1000"
+    assert patients["PNEUMONIA/person447_virus_921_1"] == "person447"
+    # Every name matches; 600 images of 598 patients (person23 and person441 have two images each).
+    assert all(patient != sample for sample, patient in patients.items())
+    counts = Counter(train.patient_ids)
+    assert len(counts) == 598 and sorted(p for p, n in counts.items() if n > 1) == ["person23", "person441"]
+    assert len({p for p, label in zip(train.patient_ids, train.labels, strict=True) if label == 0}) == 300
+
+
+def test_patient_regex_groups_and_fallback(tmp_path: Path, kermany: dict[str, list[Path]]) -> None:
+    (tmp_path / "cls").mkdir()
+    for name in ("s01_a", "s01_b", "s02_a", "other"):
+        (tmp_path / "cls" / f"{name}.jpeg").symlink_to(kermany["NORMAL"][0])
+    named = load_image_folder(tmp_path, patient_regex=r"^(?P<site>s)(?P<patient>\d+)_")["train"]
+    assert named.patient_ids == ["cls/other", "01", "01", "02"]
+    # With alternatives, the first group that took part in the match is the patient id.
+    either = load_image_folder(tmp_path, patient_regex=r"^(s\d+)_|^(oth)")["train"]
+    assert either.patient_ids == ["oth", "s01", "s01", "s02"]
+    expect_data_error(lambda: load_image_folder(tmp_path, patient_regex=r"^s\d+"), tmp_path, "needs a group")
+    expect_data_error(lambda: load_image_folder(tmp_path, patient_regex=r"(s"), tmp_path, "not a valid regular")

@@ -152,3 +152,18 @@ def test_compare_command_prints_the_difference(tmp_path: Path) -> None:
 
     missing = CliRunner().invoke(app, ["compare", str(path_a), str(tmp_path / "absent.csv")])
     assert isinstance(missing.exception, DataError) and "absent.csv" in str(missing.exception)
+
+
+def test_seed_lists_average_the_metric_and_share_resamples() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 120)
+    runs_a = [np.column_stack([1 - p, p]) for p in (np.clip(y * 0.6 + rng.random(120) * 0.5, 0, 1) for _ in range(3))]
+    runs_b = [np.column_stack([1 - p, p]) for p in (np.clip(y * 0.2 + rng.random(120) * 0.8, 0, 1) for _ in range(3))]
+    single = paired_difference(y, runs_a[0], runs_b[0], n_bootstrap=300, seed=1)
+    as_list = paired_difference(y, [runs_a[0]], [runs_b[0]], n_bootstrap=300, seed=1)
+    assert (single.value, single.ci_low, single.ci_high) == (as_list.value, as_list.ci_low, as_list.ci_high)
+    pooled = paired_difference(y, runs_a, runs_b, n_bootstrap=300, seed=1)
+    per_seed = [paired_difference(y, a, b, n_bootstrap=0).value for a, b in zip(runs_a, runs_b, strict=True)]
+    assert pooled.value == pytest.approx(np.mean(per_seed))
+    assert pooled.ci_low < pooled.value < pooled.ci_high
+    assert pooled.excludes_zero  # A is built to rank far better than B

@@ -267,3 +267,209 @@ def test_save_plot_for_inspection(tmp_path: Path) -> None:
     encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", out.read_text())
     assert encoded is not None
     Path("/tmp/medfoundry_report_auroc.png").write_bytes(base64.b64decode(encoded.group(1)))
+
+
+# ------------------------------------------------------------------ adaptation ladder, comparisons, metrics
+
+LADDER_COSTS = {"knn": (0, 0.002), "linear": (769, 0.8), "finetune-full": (86_000_000, 900.0)}
+
+
+def _suite_results(with_costs: bool = True) -> ResultsFile:
+    """Two tasks, two models, three adapters and costs, as the suite runner writes them."""
+    records = []
+    for task, metrics in (("breastmnist", ("auroc", "f1", "ece")), ("idrid-dr-grade", ("kappa", "accuracy"))):
+        for m_i, model in enumerate(("dino", "random-init")):
+            for a_i, (adapter, (params, seconds)) in enumerate(LADDER_COSTS.items()):
+                for fraction in (0.1, 1.0):
+                    for seed in range(2):
+                        for metric in metrics:
+                            value = 0.6 + 0.1 * a_i - 0.1 * m_i + 0.1 * fraction + 0.01 * seed
+                            if metric == "ece":
+                                value = 0.3 - value / 4
+                            records.append(
+                                ResultRecord(
+                                    task,
+                                    model,
+                                    adapter,
+                                    fraction,
+                                    seed,
+                                    metric,
+                                    value,
+                                    value - 0.03,
+                                    value + 0.03,
+                                    round(500 * fraction),
+                                    100,
+                                    trainable_params=params if with_costs else None,
+                                    fit_seconds=seconds * (1 + seed) if with_costs else None,
+                                )
+                            )
+    return ResultsFile(records=records, metadata={"primary_metric": {"idrid-dr-grade": "kappa"}})
+
+
+def _comparison(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "task": "breastmnist",
+        "metric": "auroc",
+        "label_fraction": 0.1,
+        "model_a": "dino",
+        "adapter_a": "linear",
+        "model_b": "random-init",
+        "adapter_b": "linear",
+        "value_a": 0.846,
+        "value_b": 0.8,
+        "difference": 0.046,
+        "ci_low": 0.012,
+        "ci_high": 0.08,
+        "share_opposite": 0.004,
+        "n_seeds": 2,
+        "confidence": 0.95,
+    }
+    return {**base, **overrides}
+
+
+def _images(html: str) -> list[bytes]:
+    return [base64.b64decode(s) for s in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def test_ladder_points_use_the_largest_fraction_and_average_costs_over_seeds() -> None:
+    from medfoundry.evaluate.report import ladder_points
+
+    records = [r for r in _suite_results().records if r.label_fraction < 1.0]
+    fraction, points = ladder_points(records, "breastmnist", "auroc")
+    assert fraction == 0.1 and len(points) == 2 * 3
+    linear = next(p for p in points if (p.model, p.adapter) == ("dino", "linear"))
+    assert linear.trainable_params == 769 and linear.fit_seconds == pytest.approx(0.8 * 1.5)
+    assert linear.value == pytest.approx(0.6 + 0.1 + 0.01 + 0.005)
+    assert linear.ci_low == pytest.approx(linear.value - 0.03)
+    # The adapters follow the ladder (cheapest first), not the alphabet.
+    assert [p.adapter for p in points if p.model == "dino"] == ["knn", "linear", "finetune-full"]
+    assert ladder_points(records, "no-such-task", "auroc") == (None, [])
+
+
+def test_ladder_plot_is_drawn_only_when_costs_are_recorded(tmp_path: Path) -> None:
+    from medfoundry.evaluate.report import ladder_points, plot_adaptation_ladder
+
+    with_costs = render_report(_suite_results(), tmp_path / "a.html").read_text()
+    without = render_report(_suite_results(with_costs=False), tmp_path / "b.html").read_text()
+    # Per task: one label-efficiency plot per plotted metric, plus the ladder when costs exist.
+    assert with_costs.count("<h3>Adaptation ladder</h3>") == 2
+    assert "Adaptation ladder" not in without
+    assert len(_images(with_costs)) == len(_images(without)) + 2
+    ladder_alt = re.search(r'alt="Quadratic weighted kappa versus trainable parameters[^"]*"', with_costs)
+    assert ladder_alt is not None  # the idrid ladder uses the task's primary metric
+    for data in _images(with_costs):
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.width > 400 and img.height > 300
+
+    colours = {"dino": "#0072B2", "random-init": "#D55E00"}
+    styles = {"knn": ("-", "o"), "linear": ("--", "s"), "finetune-full": (":", "^")}
+    _, points = ladder_points(_suite_results(with_costs=False).records, "breastmnist", "auroc")
+    assert plot_adaptation_ladder(points, "auroc", colours, styles, "t") is None
+    # Only one of the two costs recorded: still a figure (the other panel says so).
+    only_params = [replace(p, trainable_params=5.0) for p in points]
+    assert plot_adaptation_ladder(only_params, "auroc", colours, styles, "t") is not None
+
+
+def test_comparison_sentences_say_significant_or_not() -> None:
+    from medfoundry.evaluate.report import Comparison, comparison_sentence
+
+    significant = Comparison.from_mapping(_comparison())
+    assert significant is not None and significant.significant
+    assert comparison_sentence(significant) == (
+        "At 10% labels, dino + linear beats random-init + linear on AUROC by 0.046 (95% CI 0.012 to 0.080): "
+        "significant."
+    )
+    not_significant = Comparison.from_mapping(_comparison(difference=0.016, ci_low=-0.02, ci_high=0.05))
+    assert not_significant is not None and not_significant.significant is False
+    assert comparison_sentence(not_significant) == (
+        "At 10% labels, dino + linear is ahead of random-init + linear on AUROC by 0.016: "
+        "not significant (95% CI −0.020 to 0.050 includes 0)."
+    )
+    # B ahead: the sentence names B first and flips the CI so it reads as B's gain.
+    b_ahead = Comparison.from_mapping(_comparison(difference=-0.03, ci_low=-0.05, ci_high=-0.01))
+    assert b_ahead is not None
+    assert comparison_sentence(b_ahead).startswith("At 10% labels, random-init + linear beats dino + linear on AUROC")
+    assert "by 0.030 (95% CI 0.010 to 0.050): significant." in comparison_sentence(b_ahead)
+    no_ci = Comparison.from_mapping(_comparison(ci_low=None, ci_high=None))
+    assert no_ci is not None and comparison_sentence(no_ci).endswith("not judged (no confidence interval).")
+
+
+def test_comparison_sentences_respect_lower_is_better_for_ece() -> None:
+    from medfoundry.evaluate.report import Comparison, comparison_sentence
+
+    # ECE: A − B < 0 means A is better calibrated.
+    a_better = Comparison.from_mapping(_comparison(metric="ece", difference=-0.04, ci_low=-0.07, ci_high=-0.01))
+    assert a_better is not None
+    assert comparison_sentence(a_better) == (
+        "At 10% labels, dino + linear beats random-init + linear on ECE (lower is better) by 0.040 "
+        "(95% CI 0.010 to 0.070): significant."
+    )
+    # A − B = +0.02 on ECE favours B (lower) by 0.02, and the CI of A − B is then also the CI of B's gain.
+    b_better = Comparison.from_mapping(_comparison(metric="ece", difference=0.02, ci_low=-0.01, ci_high=0.05))
+    assert b_better is not None
+    assert comparison_sentence(b_better) == (
+        "At 10% labels, random-init + linear is ahead of dino + linear on ECE (lower is better) by 0.020: "
+        "not significant (95% CI −0.010 to 0.050 includes 0)."
+    )
+
+
+def test_report_shows_comparisons_per_task_ordered_by_fraction(tmp_path: Path) -> None:
+    res = _suite_results()
+    res.metadata["comparisons"] = [
+        _comparison(label_fraction=1.0, difference=0.016, ci_low=-0.02, ci_high=0.05),
+        _comparison(),
+        _comparison(task="idrid-dr-grade", metric="kappa", label_fraction=1.0),
+        {"task": "breastmnist", "metric": "auroc"},  # malformed: skipped, not fatal
+        "not a comparison",
+    ]
+    html = render_report(res, tmp_path / "r.html").read_text()
+    first, second = html.index("Task: breastmnist"), html.index("Task: idrid-dr-grade")
+    breast, idrid = html[first:second], html[second:]
+    assert breast.index("At 10% labels") < breast.index("At 100% labels")
+    assert '<span class="sig">significant</span>' in breast and '<span class="nonsig">not significant</span>' in breast
+    assert "on Quadratic weighted kappa by 0.046" in idrid and "on AUROC" not in idrid
+    # The comparison table: one row per comparison with the difference and its CI.
+    assert "95% [0.012, 0.080]" in breast and "95% [−0.020, 0.050]" in breast
+    # With paired comparisons the conservative overlap summary is not shown.
+    assert "conservative" not in html and "within noise" not in html
+
+
+def test_report_tabulates_every_metric_and_ranks_ece_lowest_first(tmp_path: Path) -> None:
+    html = render_report(_suite_results(), tmp_path / "r.html").read_text()
+    breast = html[html.index("Task: breastmnist") : html.index("Task: idrid-dr-grade")]
+    idrid = html[html.index("Task: idrid-dr-grade") :]
+    assert "<th>F1</th>" in breast and "<th>ECE ↓</th>" in breast and "Quadratic weighted kappa" not in breast
+    assert "<th>Quadratic weighted kappa</th>" in idrid and "<th>AUROC</th>" not in idrid
+    # dino + finetune-full has the highest AUROC and so the lowest ECE: both in bold at 100%.
+    rows = [r for r in summarise_table(_suite_results()) if r["task"] == "breastmnist" and r["label_fraction"] == 1.0]
+    best_ece = min(rows, key=lambda r: r["ece"])
+    assert (best_ece["model"], best_ece["adapter"]) == ("dino", "finetune-full")
+    assert f'<strong><span class="mean">{best_ece["ece"]:.3f}</span></strong>' in breast
+    assert f"[{best_ece['ece_ci_low']:.3f}, {best_ece['ece_ci_high']:.3f}]" in breast
+    worst_ece = max(rows, key=lambda r: r["ece"])
+    assert f'<strong><span class="mean">{worst_ece["ece"]:.3f}</span></strong>' not in breast
+
+
+def test_overlap_summary_on_ece_names_the_lowest_and_says_it_is_conservative(tmp_path: Path) -> None:
+    base = ResultRecord("t", "a", "linear", 1.0, 0, "ece", 0.05, 0.04, 0.06, 10, 50)
+    records = [base, replace(base, model="b", value=0.2, ci_low=0.18, ci_high=0.22)]
+    html = render_report(ResultsFile(records=records), tmp_path / "r.html").read_text()
+    assert "<b>a + linear</b> has the lowest ECE" in html and "clearly ahead" in html
+    assert "conservative" in html
+
+
+def test_old_results_file_without_costs_or_comparisons_still_renders(tmp_path: Path) -> None:
+    raw = {"schema_version": 1, "metadata": {"durations": {"embed": 5.0}}, "records": [_record_dict()]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(raw))
+    html = render_report(path, tmp_path / "r.html").read_text()
+    assert "Adaptation ladder" not in html and "Paired comparisons" not in html
+    assert "has the highest AUROC" in html and "conservative" in html
+    assert len(_images(html)) == 1 and "5.0 s" in html
+
+
+def test_many_durations_get_a_table(tmp_path: Path) -> None:
+    res = _suite_results()
+    res.metadata["durations"] = {f"breastmnist/embed/model{i}": 60.0 * i for i in range(6)}
+    html = render_report(res, tmp_path / "r.html").read_text()
+    assert "<h2>Run time</h2>" in html and "breastmnist/embed/model5" in html and "5 min 00 s" in html

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_breastmnist_subset
 from typer.testing import CliRunner
 
 from medfoundry.cli import app
@@ -19,18 +20,7 @@ from medfoundry.experiment import run_experiment
 
 @pytest.fixture(scope="module")
 def small_npz(breastmnist_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    archive = np.load(breastmnist_npz)
-    path = tmp_path_factory.mktemp("data") / "breast_small.npz"
-    np.savez(
-        path,
-        train_images=archive["train_images"][:128],
-        train_labels=archive["train_labels"][:128],
-        val_images=archive["val_images"],
-        val_labels=archive["val_labels"],
-        test_images=archive["test_images"],
-        test_labels=archive["test_labels"],
-    )
-    return path
+    return write_breastmnist_subset(breastmnist_npz, tmp_path_factory.mktemp("data") / "breast_small.npz", 128)
 
 
 def _config(small_npz: Path, out: Path) -> ExperimentConfig:

@@ -295,6 +295,114 @@ class ExperimentConfig(StrictModel):
     random_init_baseline: bool = True
 
 
+TaskKind = Literal["binary", "multiclass", "ordinal"]
+# Defaults per task kind: the first metric is the headline one (ordinal grades are judged by quadratic kappa, as in
+# the DR-grading literature); ECE is last because it says how far to trust the probabilities, not how good they rank.
+KIND_METRICS: dict[str, list[str]] = {
+    "binary": ["auroc", "balanced_accuracy", "f1", "ece"],
+    "multiclass": ["auroc", "balanced_accuracy", "accuracy", "f1", "ece"],
+    "ordinal": ["kappa", "balanced_accuracy", "auroc", "ece"],
+}
+
+
+class SuiteTaskConfig(StrictModel):
+    """One labelled task of a suite: a dataset, its splits and how it is scored."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="used in results, report and file names")
+    source: str = Field(description="dataset spec: file.npz, folder, csv:..., idrid:..., or prefix:path")
+    options: dict[str, Any] = Field(default_factory=dict, description="reader arguments, e.g. {image_size: 64}")
+    kind: TaskKind | None = Field(None, description="binary / multiclass / ordinal; inferred from the labels if unset")
+    metrics: list[str] | None = Field(None, description="default by kind; the first is the headline metric")
+    val_split: str = "val"
+    test_split: str = "test"
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="carved from train, by patient, when there is no val")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="carved from train, by patient, when there is no test")
+    split_seed: int = 0
+
+
+class SuiteEncoderConfig(StrictModel):
+    """One encoder of a suite, from exactly one of: a checkpoint folder, a backbone name (random weights), or a
+    pre-training recipe (pre-trained once inside the suite's folder; ``untrained: true`` gives the recipe's model
+    with its random initial weights, the fair baseline for it)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    checkpoint: Path | None = None
+    backbone: str | None = None
+    recipe: Path | None = Field(None, description="an ExperimentConfig YAML whose model and pretrain sections are used")
+    untrained: bool = False
+    overrides: list[str] = Field(default_factory=list, description="dotted recipe overrides, e.g. pretrain.epochs=10")
+    pretrain_task: str | None = Field(
+        None, description="pre-train on this task's train split (labels unused) instead of the recipe's data"
+    )
+    tasks: list[str] | None = Field(None, description="tasks this encoder runs on (default: all)")
+    finetune: bool = Field(True, description="run the suite's fine-tuning modes on this encoder")
+    in_chans: int = 3
+    img_size: int | None = None
+    pool: Literal["default", "token+avg"] | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SuiteEncoderConfig:
+        given = [name for name in ("checkpoint", "backbone", "recipe") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"encoder '{self.name}' needs exactly one of checkpoint, backbone, recipe (got {given})")
+        if (self.untrained or self.pretrain_task or self.overrides) and self.recipe is None:
+            raise ValueError(f"encoder '{self.name}': untrained, overrides and pretrain_task go with a recipe")
+        return self
+
+
+class SuiteComparisonConfig(StrictModel):
+    """Which paired comparisons the suite computes (on each task's headline metric, per label fraction)."""
+
+    baseline_encoder: str | None = Field(
+        None, description="compare every other encoder with this one, adapter by adapter"
+    )
+    reference_adapter: str | None = Field("linear", description="compare every other adapter of an encoder with it")
+    n_bootstrap: int = Field(2000, ge=100)
+
+
+class SuiteConfig(StrictModel):
+    """Tasks x encoders x adapters x label fractions x seeds (``medfoundry eval suite.yaml``).
+
+    ``adapt`` lists the probes on frozen embeddings and ``finetune.modes`` the end-to-end rungs; both run on the
+    same label subsets. ``evaluate`` gives the bootstrap settings; metrics and splits are set per task.
+    """
+
+    name: str = "suite"
+    output_dir: Path = Path("runs/suite")
+    tasks: list[SuiteTaskConfig] = Field(min_length=1)
+    encoders: list[SuiteEncoderConfig] = Field(min_length=1)
+    embed: EmbedConfig = EmbedConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    finetune: FineTuneConfig = FineTuneConfig()
+    finetune_label_fractions: list[float] | None = Field(
+        None, description="fractions fine-tuning runs at (default: adapt.label_fractions); it is the slow rung"
+    )
+    evaluate: EvaluateConfig = EvaluateConfig()
+    comparisons: SuiteComparisonConfig = SuiteComparisonConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SuiteConfig:
+        tasks = [t.name for t in self.tasks]
+        encoders = [e.name for e in self.encoders]
+        for kind, names in (("task", tasks), ("encoder", encoders)):
+            duplicated = sorted({n for n in names if names.count(n) > 1})
+            if duplicated:
+                raise ValueError(f"{kind} names must be unique; repeated: {duplicated}")
+        for encoder in self.encoders:
+            unknown = [t for t in (encoder.tasks or []) + ([encoder.pretrain_task] if encoder.pretrain_task else [])]
+            unknown = [t for t in unknown if t not in tasks]
+            if unknown:
+                raise ValueError(f"encoder '{encoder.name}' names unknown task(s) {unknown}; tasks: {tasks}")
+        baseline = self.comparisons.baseline_encoder
+        if baseline is not None and baseline not in encoders:
+            raise ValueError(f"comparisons.baseline_encoder '{baseline}' is not an encoder; encoders: {encoders}")
+        extra = sorted(set(self.finetune_label_fractions or []) - set(self.adapt.label_fractions))
+        if extra:
+            raise ValueError(f"finetune_label_fractions {extra} are not among adapt.label_fractions")
+        return self
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, lists, booleans)."""
     for override in overrides:

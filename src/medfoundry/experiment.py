@@ -7,7 +7,6 @@ Each stage writes into ``output_dir`` and is skipped or resumed when its output 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,17 +28,10 @@ from medfoundry.data.registry import load_dataset
 from medfoundry.data.sample import ImageSet, Splits
 from medfoundry.data.splits import label_fraction_indices
 from medfoundry.errors import DataError, MedfoundryError
-from medfoundry.evaluate.metrics import compute_metrics
-from medfoundry.evaluate.predictions import Predictions, predictions_path, write_predictions
+from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore, evaluate_cell
 from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
-from medfoundry.evaluate.results import (
-    ResultRecord,
-    ResultsFile,
-    records_from_metrics,
-    run_metadata,
-    write_results,
-)
-from medfoundry.io_utils import ensure_writable_dir, hash_json, write_json_atomic
+from medfoundry.evaluate.results import ResultRecord, ResultsFile, run_metadata, write_results
+from medfoundry.io_utils import ensure_writable_dir, hash_json
 from medfoundry.models.backbones import Encoder, create_encoder, resolve_backbone
 from medfoundry.models.checkpoint import load_encoder, weights_hash
 from medfoundry.ssl.trainer import PretrainResult, pretrain
@@ -135,55 +127,12 @@ def run_pretraining(
     )
 
 
-def _cell_path(config: ExperimentConfig, key: dict[str, Any]) -> Path:
-    return (
-        config.output_dir / "cells" / f"{key['model']}__{key['adapter']}__{key['label_fraction']}__{key['seed']}.json"
-    )
-
-
-def _cached_cell(path: Path, fingerprint: str) -> list[ResultRecord] | None:
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if stored.get("fingerprint") != fingerprint:
-        return None
-    return [ResultRecord(**record) for record in stored["records"]]
-
-
 def _evaluate_cell(
-    config: ExperimentConfig,
-    key: dict[str, Any],
-    inputs_hash: str,
-    compute: Callable[[], tuple[np.ndarray, int]],
-    test: ImageSet,
+    config: ExperimentConfig, key: dict[str, Any], inputs_hash: str, compute: Callable[[], CellOutput], test: ImageSet
 ) -> list[ResultRecord]:
-    """Run one (model, adapter, fraction, seed) cell, or reuse its stored records when inputs are unchanged.
-
-    Besides its records, a cell writes its per-case test predictions (``predictions/``, for ``medfoundry compare``).
-    """
-    path = _cell_path(config, key)
-    predictions_file = predictions_path(config.output_dir / "predictions", **key)
-    fingerprint = hash_json({"key": key, "inputs": inputs_hash, "evaluate": config.evaluate.model_dump(mode="json")})
-    cached = _cached_cell(path, fingerprint)
-    if cached is not None and predictions_file.is_file():
-        return cached
-    y_test = np.asarray(test.labels)
-    proba, n_train = compute()
-    write_predictions(predictions_file, Predictions(list(test.ids), list(test.patient_ids), y_test, proba))
-    metrics = compute_metrics(
-        y_test,
-        proba,
-        test.patient_ids,
-        metrics=tuple(config.evaluate.metrics),
-        n_bootstrap=config.evaluate.n_bootstrap,
-        confidence=config.evaluate.confidence,
-        seed=key["seed"],
+    records, _ = evaluate_cell(
+        CellStore(config.output_dir), CellKey(**key), config.data.task, inputs_hash, compute, test, config.evaluate
     )
-    records = records_from_metrics(metrics, task=config.data.task, n_train=n_train, n_test=len(y_test), **key)
-    write_json_atomic(path, {"fingerprint": fingerprint, "records": [r.__dict__ for r in records]})
     return records
 
 
@@ -220,12 +169,13 @@ def _probe_records(
                         adapter_name: str = adapter_name,
                         features: dict[str, Embeddings] = features,
                         seed: int = seed,
-                    ) -> tuple[np.ndarray, int]:
+                    ) -> CellOutput:
                         adapter = create_adapter(adapter_name, config.adapt, seed, n_classes)
                         adapter.fit(
                             features["train"].features[subset], y_train[subset], features["val"].features, y_val
                         )
-                        return adapter.predict_proba(features["test"].features), len(subset)
+                        proba = adapter.predict_proba(features["test"].features)
+                        return CellOutput(proba, len(subset), adapter.trainable_parameters_)
 
                     key = {"model": name, "adapter": adapter_name, "label_fraction": fraction, "seed": seed}
                     records += _evaluate_cell(config, key, inputs_hash, fit_predict, test)
@@ -247,10 +197,10 @@ def _scratch_records(
         for seed in config.adapt.seeds:
             subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
 
-            def train_predict(subset: np.ndarray = subset, seed: int = seed) -> tuple[np.ndarray, int]:
+            def train_predict(subset: np.ndarray = subset, seed: int = seed) -> CellOutput:
                 model = SupervisedFromScratch(baseline, train.num_channels, n_classes, seed)
                 model.fit(train.subset(subset), val)
-                return model.predict_proba(test), len(subset)
+                return CellOutput(model.predict_proba(test), len(subset), model.trainable_parameters_)
 
             key = {
                 "model": f"{baseline.backbone}-scratch",
@@ -279,13 +229,11 @@ def _finetune_records(
             for seed in config.adapt.seeds:
                 subset = label_fraction_indices(y_train, fraction, seed, config.adapt.min_per_class)
 
-                def train_predict(
-                    subset: np.ndarray = subset, seed: int = seed, mode: str = mode
-                ) -> tuple[np.ndarray, int]:
+                def train_predict(subset: np.ndarray = subset, seed: int = seed, mode: str = mode) -> CellOutput:
                     settings = tune.model_dump(exclude={"modes"})
                     tuner = FineTuner(encoder, n_classes, mode=mode, seed=seed, **settings)
                     tuner.fit(train.subset(subset), val)
-                    return tuner.predict_proba(test), len(subset)
+                    return CellOutput(tuner.predict_proba(test), len(subset), tuner.trainable_parameters_)
 
                 key = {
                     "model": config.pretrain.method,

@@ -76,6 +76,9 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
         """CL2N features: centred on the support mean, then scaled to unit length."""
         return _l2_normalise(np.asarray(X, dtype=np.float64) - self.mean_)
 
+    # The adaptation ladder's cost axis: this adapter averages features into class means; nothing is optimised.
+    trainable_parameters_: int = 0
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         z = self.transform(X)
         # ||z - p||^2 = ||z||^2 - 2 z.p + ||p||^2; computed expanded to avoid an (N, C, D) array.

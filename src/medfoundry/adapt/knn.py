@@ -32,6 +32,9 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         ).fit(X, y)
         return self
 
+    # The adaptation ladder's cost axis: this adapter stores the training features; nothing is fitted.
+    trainable_parameters_: int = 0
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return expand_proba(self.model_.predict_proba(X), self.model_.classes_, self.n_classes_)
 

@@ -75,3 +75,11 @@ class GridSelectedProbe(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.predict_proba(X).argmax(axis=1)
+
+    @property
+    def trainable_parameters_(self) -> int:
+        """Weights and biases the selected model fitted (the scaler's statistics are not counted)."""
+        final = self.model_[-1]
+        arrays = [getattr(final, name) for name in ("coef_", "intercept_") if hasattr(final, name)]
+        arrays += [array for name in ("coefs_", "intercepts_") for array in getattr(final, name, [])]
+        return int(sum(np.size(array) for array in arrays))

@@ -1,15 +1,18 @@
 """Readers for ordinary image files: a CSV manifest or a folder tree with one folder per class.
 
 Both return lazily loaded :class:`FileImageSet` splits; pixels are read with Pillow only when asked for,
-so a manifest of many thousands of images opens instantly.
+so a manifest of many thousands of images opens instantly. A manifest can also cut each image into a grid of
+square crops (:class:`CropFileImageSet`), e.g. 1024 px pathology tiles into 224 px model inputs.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,11 +23,30 @@ from medfoundry.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_SPLIT = "train"
+DEFAULT_PATIENT_COLUMN = "patient_id"
 
 ImageSize = int | tuple[int, int]
 
 # Pillow modes that hold one grayscale channel at more than 8 bits (16-bit PNG/TIFF, float TIFF).
 _HIGH_DEPTH_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def file_list_digest(
+    paths: Sequence[Path], ids: Sequence[str], patient_ids: Sequence[str], labels: np.ndarray | None
+) -> Any:
+    """A sha256 over each file's path, size and mtime, plus ids and labels; callers add their own options."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise DataError("image file is missing or unreadable", path) from exc
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    digest.update("\n".join(ids).encode())
+    digest.update("\n".join(patient_ids).encode())
+    if labels is not None:
+        digest.update(np.ascontiguousarray(labels).tobytes())
+    return digest
 
 
 class FileImageSet(ImageSet):
@@ -70,39 +92,75 @@ class FileImageSet(ImageSet):
         File contents are not hashed: reading every image would make fingerprinting as slow as a full
         pass over the data, while size + mtime changes whenever a file is rewritten in practice.
         """
-        digest = hashlib.sha256()
-        for path in self.paths:
-            try:
-                stat = path.stat()
-            except OSError as exc:
-                raise DataError("image file is missing or unreadable", path) from exc
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        digest.update("\n".join(self.ids).encode())
-        digest.update("\n".join(self.patient_ids).encode())
-        if self.labels is not None:
-            digest.update(np.ascontiguousarray(self.labels).tobytes())
+        digest = file_list_digest(self.paths, self.ids, self.patient_ids, self.labels)
         digest.update(repr(self.image_size).encode())
         if self.channels is not None:
             digest.update(f"channels={self.channels}".encode())
         return digest.hexdigest()[:16]
 
 
+class CropFileImageSet(FileImageSet):
+    """Square crops of image files: sample ``i`` is the box ``boxes[i]`` = ``(x, y, side)`` of ``paths[i]``.
+
+    Crops of one file are consecutive, so the last decoded file is kept and each file is decoded once per
+    pass. ``image_size`` resizes each crop.
+    """
+
+    def __init__(self, *args: Any, boxes: Sequence[tuple[int, int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if len(boxes) != len(self.ids):
+            raise ValueError("boxes must have one entry per sample")
+        self.boxes = [tuple(int(v) for v in box) for box in boxes]
+        self._last: tuple[Path, Image.Image] | None = None
+
+    def load(self, index: int) -> np.ndarray:
+        x, y, side = self.boxes[index]
+        return _to_array(self._decoded(self.paths[index]).crop((x, y, x + side, y + side)), self.image_size)
+
+    def _decoded(self, path: Path) -> Image.Image:
+        last = self._last  # one read, so a concurrent load cannot swap the pair between check and use
+        if last is not None and last[0] == path:
+            return last[1]
+        image = decode_image(path, self.channels)
+        self._last = (path, image)
+        return image
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(super().fingerprint().encode())
+        digest.update(repr(self.boxes).encode())
+        return digest.hexdigest()[:16]
+
+    def __getstate__(self) -> dict[str, object]:
+        # DataLoader workers started by spawn get a pickled copy; the decoded image need not travel.
+        return {**self.__dict__, "_last": None}
+
+
 def read_image(path: Path, image_size: tuple[int, int] | None = None, channels: int | None = None) -> np.ndarray:
     """Read one image file as uint8 ``(C, H, W)`` with C = 1 (grayscale) or 3 (colour), or as ``channels``."""
+    return _to_array(decode_image(path, channels), image_size)
+
+
+def decode_image(path: Path, channels: int | None = None) -> Image.Image:
+    """The decoded file as an 8-bit Pillow image (mode L or RGB, or as ``channels``); DataError naming the file."""
     try:
         with Image.open(path) as image:
             image = _to_8bit(image)
             if channels is not None:
                 # Grey X-rays are often saved as RGB with three equal channels; a 1-channel model wants one.
                 image = image.convert("L" if channels == 1 else "RGB")
-            if image_size is not None:
-                # PIL takes (width, height); image_size is (height, width) like the arrays.
-                image = image.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-            array = np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
+            image.load()
+            return image
     except FileNotFoundError as exc:
         raise DataError("image file not found", path) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot read image ({' '.join(str(exc).split())[:200]})", path) from exc
+
+
+def _to_array(image: Image.Image, image_size: tuple[int, int] | None) -> np.ndarray:
+    if image_size is not None:
+        # PIL takes (width, height); image_size is (height, width) like the arrays.
+        image = image.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
+    array = np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
@@ -125,27 +183,41 @@ def load_manifest(
     *,
     path_column: str = "path",
     label_column: str | None = "label",
-    patient_column: str = "patient_id",
+    patient_column: str | None = None,
     split_column: str = "split",
+    class_name_column: str | None = None,
     image_size: ImageSize | None = None,
     channels: int | None = None,
+    crop_size: int | None = None,
+    crop_stride: int | None = None,
 ) -> Splits:
     """Load images listed in a CSV with columns ``path,label[,patient_id][,split]``.
 
     Relative paths are resolved against ``root`` or else the CSV's folder. The sample id is the file
     stem; if two files share a stem, the ids are the relative paths (without suffix) instead, so ids stay
-    unique. A missing ``patient_id`` column (or empty cell) uses the sample id; a missing ``split`` column
-    puts every row in ``train``. Integer labels are kept; any other labels are class names, mapped to
-    indices in sorted order and stored in ``class_names`` on every split. ``label_column=None`` reads an
-    unlabelled manifest (for self-supervised pre-training). ``channels`` (1 or 3) converts every image to grey or
-    RGB; by default each file keeps its own.
+    unique. ``patient_column`` names the patient (or any group) column, e.g. ``source_image_id``; it must
+    exist when named, while by default a ``patient_id`` column is used if present. A missing patient column
+    (or empty cell) uses the sample id. A missing ``split`` column puts every row in ``train``. Integer
+    labels are kept, and ``class_name_column`` (e.g. ``label`` beside ``label_index``) then fills
+    ``class_names`` in index order; any other labels are class names, mapped to indices in sorted order and
+    stored in ``class_names`` on every split. ``label_column=None`` reads an unlabelled manifest (for
+    self-supervised pre-training). ``channels`` (1 or 3) converts every image to grey or RGB; by default each
+    file keeps its own.
+
+    ``crop_size`` turns each image into the grid of square crops at every ``crop_stride`` pixels (default
+    ``crop_size``: non-overlapping); a remainder narrower than a crop at the right or bottom is dropped. Each
+    crop is a sample with id ``<image id>@<x>_<y>`` (its top-left corner), the row's label and the row's
+    patient id, so crops of one image never straddle splits; ``image_size`` then resizes each crop. Image
+    sizes are read from the file headers only.
 
     Raises:
-        DataError: missing file or column, empty label/split cell, a path that does not exist.
+        DataError: missing file or column, empty label/split cell, a path that does not exist, an image
+            smaller than ``crop_size``, class names that disagree with the label indices.
     """
     csv_path = Path(csv_path)
     columns, rows = _read_csv(csv_path)
-    required = [path_column] + ([label_column] if label_column else [])
+    optional = [c for c in (patient_column, class_name_column) if c]
+    required = [path_column] + ([label_column] if label_column else []) + optional
     missing = [c for c in required if c not in columns]
     if missing:
         raise DataError(f"missing required column(s) {missing}; columns found: {columns}", csv_path)
@@ -155,29 +227,64 @@ def load_manifest(
     base = Path(root) if root is not None else csv_path.parent
     paths = [_resolve_row_path(row[path_column], base, line, csv_path) for line, row in _numbered(rows)]
     ids = _unique_ids([row[path_column] for row in rows])
+    patient_column = patient_column or DEFAULT_PATIENT_COLUMN
     patients = [(row.get(patient_column) or "").strip() or sid for row, sid in zip(rows, ids, strict=True)]
     splits = _row_splits(rows, split_column if split_column in columns else None, csv_path)
     labels: np.ndarray | None = None
     class_names: list[str] | None = None
     if label_column:
         labels, class_names = _encode_labels([row[label_column] for row in rows], csv_path)
+    if class_name_column:
+        class_names = _class_names_by_index(labels, class_names, rows, class_name_column, csv_path)
+    if crop_size is None:
+        if crop_stride is not None:
+            raise DataError("crop_stride needs crop_size", csv_path)
+        return _group_by_split(
+            csv_path.stem, csv_path, paths, ids, patients, splits, labels, class_names, image_size, channels
+        )
+    grid = [_crop_grid(path, crop_size, crop_stride or crop_size, csv_path) for path in paths]
+    rows_of_crops = [row for row, corners in enumerate(grid) for _ in corners]
+    boxes = [(x, y, crop_size) for corners in grid for x, y in corners]
     return _group_by_split(
-        csv_path.stem, csv_path, paths, ids, patients, splits, labels, class_names, image_size, channels
+        csv_path.stem,
+        csv_path,
+        [paths[row] for row in rows_of_crops],
+        [f"{ids[row]}@{x}_{y}" for row, (x, y, _) in zip(rows_of_crops, boxes, strict=True)],
+        [patients[row] for row in rows_of_crops],
+        [splits[row] for row in rows_of_crops],
+        None if labels is None else labels[rows_of_crops],
+        class_names,
+        image_size,
+        channels,
+        boxes,
     )
 
 
-def load_image_folder(root: str | Path, *, image_size: ImageSize | None = None, channels: int | None = None) -> Splits:
+def load_image_folder(
+    root: str | Path,
+    *,
+    image_size: ImageSize | None = None,
+    channels: int | None = None,
+    patient_regex: str | None = None,
+) -> Splits:
     """Load ``root/<class>/*.{png,jpg,jpeg,tif,tiff,bmp}`` or ``root/<split>/<class>/...``.
 
     The split layout is used when any of ``train``, ``val`` or ``test`` exists under ``root``. Class
     folders are searched recursively; class names are sorted and their positions are the label indices
     (shared by all splits and kept in ``class_names``). Sample ids are the paths relative to the split
-    folder without suffix, e.g. ``NORMAL/IM-0115-0001``; image folders carry no patient ids, so
-    ``patient_ids`` equals the sample ids.
+    folder without suffix, e.g. ``NORMAL/IM-0115-0001``.
+
+    Without ``patient_regex`` the patient ids equal the sample ids. ``patient_regex`` is searched in each
+    file stem (``re.search``: anchor it with ``^``/``$`` as needed); the patient id is its named group
+    ``patient`` if it has one, else the first group that took part in the match, e.g.
+    ``^(person\\d+|(?:NORMAL2-)?IM-\\d+)[-_]`` for Kermany chest X-rays. Files whose stem does not match
+    keep their sample id as patient id. Patient ids carry no class or split folder, so one patient's files
+    in several folders share an id.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError("image folder not found" if not root.exists() else "is not a folder", root)
+    pattern = _patient_pattern(patient_regex, root)
     split_dirs = _split_dirs(root)
     files = {split: _class_files(folder) for split, folder in split_dirs.items()}
     class_names = sorted({name for per_class in files.values() for name in per_class})
@@ -191,11 +298,70 @@ def load_image_folder(root: str | Path, *, image_size: ImageSize | None = None, 
             continue
         paths = [path for path, _ in entries]
         ids = [path.relative_to(split_dirs[split]).with_suffix("").as_posix() for path in paths]
+        patients = [_patient_from_stem(path.stem, pattern, sid) for path, sid in zip(paths, ids, strict=True)]
         labels = np.array([label for _, label in entries], dtype=np.int64)
         splits[split] = FileImageSet(
-            f"{root.name}:{split}", root, paths, ids, list(ids), labels, class_names, image_size, channels
+            f"{root.name}:{split}", root, paths, ids, patients, labels, class_names, image_size, channels
         )
     return splits
+
+
+def _patient_pattern(patient_regex: str | None, root: Path) -> re.Pattern[str] | None:
+    if patient_regex is None:
+        return None
+    try:
+        pattern = re.compile(patient_regex)
+    except re.error as exc:
+        raise DataError(f"patient_regex {patient_regex!r} is not a valid regular expression ({exc})", root) from exc
+    if pattern.groups == 0:
+        raise DataError(f"patient_regex {patient_regex!r} needs a group (...) around the patient id", root)
+    return pattern
+
+
+def _patient_from_stem(stem: str, pattern: re.Pattern[str] | None, sample_id: str) -> str:
+    match = pattern.search(stem) if pattern is not None else None
+    if match is None:
+        return sample_id
+    if "patient" in pattern.groupindex:
+        return match["patient"] or sample_id
+    # With alternatives, (a)|(b), the first group that took part in the match holds the id.
+    return next((group for group in match.groups() if group), sample_id)
+
+
+def _class_names_by_index(
+    labels: np.ndarray | None, class_names: list[str] | None, rows: list[dict[str, str]], column: str, csv_path: Path
+) -> list[str]:
+    """Class names in label-index order from a name column next to integer labels."""
+    if labels is None or class_names is not None:
+        raise DataError(f"class_name_column {column!r} needs an integer label column", csv_path)
+    if labels.min() < 0:
+        raise DataError(f"class_name_column {column!r} needs labels 0, 1, 2, ...; found {labels.min()}", csv_path)
+    names: dict[int, str] = {}
+    for (line, row), label in zip(_numbered(rows), labels.tolist(), strict=True):
+        name = (row[column] or "").strip()
+        if names.setdefault(label, name) != name:
+            raise DataError(f"row {line}: label {label} is named {name!r} here but {names[label]!r} above", csv_path)
+    # An index with no rows (a manifest holding a subset of the classes) keeps its number as its name.
+    return [names.get(index, str(index)) for index in range(int(labels.max()) + 1)]
+
+
+def _crop_grid(path: Path, crop_size: int, stride: int, csv_path: Path) -> list[tuple[int, int]]:
+    """Top-left corners (x, y) of the crops that fit in the image, row by row."""
+    if crop_size < 1 or stride < 1:
+        raise DataError(f"crop_size ({crop_size}) and crop_stride ({stride}) must be positive", csv_path)
+    width, height = _header_size(path)
+    if width < crop_size or height < crop_size:
+        raise DataError(f"image is {width}x{height}, smaller than crop_size {crop_size}", path)
+    return [(x, y) for y in range(0, height - crop_size + 1, stride) for x in range(0, width - crop_size + 1, stride)]
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    # Image.open parses the header only; pixels are decoded later, when a crop is loaded.
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read image ({' '.join(str(exc).split())[:200]})", path) from exc
 
 
 def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -273,13 +439,14 @@ def _group_by_split(
     class_names: list[str] | None,
     image_size: ImageSize | None,
     channels: int | None = None,
+    boxes: list[tuple[int, int, int]] | None = None,
 ) -> Splits:
     # Known splits come first in their usual order, any custom split names after them.
     order = [s for s in SPLIT_NAMES if s in splits] + sorted(set(splits) - set(SPLIT_NAMES))
     result: Splits = {}
     for split in order:
         rows = [i for i, s in enumerate(splits) if s == split]
-        result[split] = FileImageSet(
+        common = dict(
             name=f"{name}:{split}",
             source=source,
             paths=[paths[i] for i in rows],
@@ -290,6 +457,10 @@ def _group_by_split(
             image_size=image_size,
             channels=channels,
         )
+        if boxes is None:
+            result[split] = FileImageSet(**common)
+        else:
+            result[split] = CropFileImageSet(**common, boxes=[boxes[i] for i in rows])
     return result
 
 

@@ -1,4 +1,4 @@
-"""Open any supported dataset from one spec string: ``"medmnist:PATH"``, ``"csv:PATH"``, ``"folder:PATH"``.
+"""Open any supported dataset from one spec string: ``"medmnist:PATH"``, ``"csv:PATH"``, ``"idrid:PATH"``, ...
 
 Without a prefix the reader is chosen from the path: a registered file suffix (``.npz``, ``.csv``) or a
 directory. New formats (DICOM, NIfTI, WSI tiles) plug in with :func:`register_reader`::
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfoundry.data.idrid import load_idrid
 from medfoundry.data.manifest import load_image_folder, load_manifest
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.data.nifti import SUFFIXES as NIFTI_SUFFIXES
@@ -116,3 +117,9 @@ def _read_wsi(path: Path, **kwargs: Any) -> Splits:
 @register_reader("nifti", suffixes=NIFTI_SUFFIXES)
 def _read_nifti(path: Path, **kwargs: Any) -> Splits:
     return load_nifti_crops(path, **kwargs)
+
+
+# Needs the prefix ("idrid:PATH"): an unprefixed folder stays the image-folder reader's.
+@register_reader("idrid")
+def _read_idrid(path: Path, **kwargs: Any) -> Splits:
+    return load_idrid(path, **kwargs)

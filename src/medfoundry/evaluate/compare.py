@@ -35,10 +35,17 @@ class PairedDifference(MetricValue):
         return bool(self.ci_low > 0 or self.ci_high < 0)
 
 
+def _as_runs(proba: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    # A list holds one prediction array per seed (runs); a single array is one run.
+    if isinstance(proba, np.ndarray):
+        return [proba]
+    return [np.asarray(p) for p in proba]
+
+
 def paired_difference(
     y_true: Sequence[int] | np.ndarray,
-    proba_a: np.ndarray,
-    proba_b: np.ndarray,
+    proba_a: np.ndarray | Sequence[np.ndarray],
+    proba_b: np.ndarray | Sequence[np.ndarray],
     patient_ids: Sequence[Hashable] | None = None,
     metric: str = "auroc",
     n_bootstrap: int = 2000,
@@ -48,25 +55,38 @@ def paired_difference(
     """metric(A) - metric(B) on the same cases, resampling the same patients for both models.
 
     ``proba_a`` and ``proba_b`` must be aligned row by row with ``y_true`` (see
-    ``predictions.align_predictions``). Resamples on which the metric is undefined for either model are
-    skipped and counted in ``n_skipped``; the CI is NaN when more than half are.
+    ``predictions.align_predictions``). Either may be a list of arrays, one per seed of the same model: the
+    difference is then between the seed-averaged metrics, and every resample is applied to all seeds, so the CI
+    holds the test-set sampling and the seed-to-seed variation together. Resamples on which the metric is undefined
+    for either model are skipped and counted in ``n_skipped``; the CI is NaN when more than half are.
     """
     if metric not in METRICS:
         raise MedfoundryError(f"unknown metric {metric}; known: {', '.join(sorted(METRICS))}")
-    y, pa, patient_index, n_patients = _validate(y_true, proba_a, patient_ids, (metric,), n_bootstrap, confidence)
-    _, pb, _, _ = _validate(y_true, proba_b, patient_ids, (metric,), n_bootstrap, confidence)
-    if pa.shape != pb.shape:
-        raise DataError(f"proba_a has shape {pa.shape} but proba_b has shape {pb.shape}; they must match")
-    value_a = float(METRICS[metric](y, pa))
-    value_b = float(METRICS[metric](y, pb))
+    runs_a, runs_b = _as_runs(proba_a), _as_runs(proba_b)
+    if not runs_a or not runs_b:
+        raise DataError("need at least one prediction array for each of A and B")
+    checked_a, checked_b = [], []
+    for runs, checked in ((runs_a, checked_a), (runs_b, checked_b)):
+        for proba in runs:
+            y, p, patient_index, n_patients = _validate(y_true, proba, patient_ids, (metric,), n_bootstrap, confidence)
+            checked.append(p)
+    if checked_a[0].shape != checked_b[0].shape or any(p.shape != checked_a[0].shape for p in checked_a + checked_b):
+        raise DataError(
+            f"proba_a has shape {checked_a[0].shape} but proba_b has shape {checked_b[0].shape}; they must match"
+        )
+    value_a = float(np.mean([METRICS[metric](y, p) for p in checked_a]))
+    value_b = float(np.mean([METRICS[metric](y, p) for p in checked_b]))
     point = value_a - value_b
     nan = float("nan")
     if n_bootstrap == 0:
         return PairedDifference(point, nan, nan, 0, value_a, value_b, nan)
 
+    def mean_over_runs(runs: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+        return np.mean([_bootstrap_values(metric, y, p, weights) for p in runs], axis=0)
+
     diffs = np.concatenate(
         [
-            _bootstrap_values(metric, y, pa, w) - _bootstrap_values(metric, y, pb, w)
+            mean_over_runs(checked_a, w) - mean_over_runs(checked_b, w)
             for w in resample_weights(patient_index, n_patients, n_bootstrap, seed)
         ]
     )

@@ -39,6 +39,10 @@ class ResultRecord:
     ci_high: float
     n_train: int
     n_test: int
+    # The cost rung of the adaptation ladder: parameters the adapter fitted (0 for kNN and prototypes, which
+    # store or average features) and seconds spent fitting it. Optional: older files and hand-made records lack them.
+    trainable_params: int | None = None
+    fit_seconds: float | None = None
 
 
 @dataclass
@@ -109,7 +113,9 @@ def write_results(path: str | Path, results: ResultsFile) -> Path:
 _STR_FIELDS = ("task", "model", "adapter", "metric")
 _INT_FIELDS = ("seed", "n_train", "n_test")
 _NULLABLE_FLOAT_FIELDS = ("value", "ci_low", "ci_high")
+_OPTIONAL_FIELDS = ("trainable_params", "fit_seconds")
 _RECORD_FIELDS = tuple(f.name for f in fields(ResultRecord))
+_REQUIRED_FIELDS = tuple(name for name in _RECORD_FIELDS if name not in _OPTIONAL_FIELDS)
 
 
 def _is_number(value: Any) -> bool:
@@ -120,7 +126,7 @@ def _parse_record(raw: Any, index: int, path: Path) -> ResultRecord:
     where = f"records[{index}]"
     if not isinstance(raw, dict):
         raise DataError(f"{where} must be an object, got {type(raw).__name__}", path)
-    missing = [name for name in _RECORD_FIELDS if name not in raw]
+    missing = [name for name in _REQUIRED_FIELDS if name not in raw]
     if missing:
         raise DataError(f"{where} is missing field(s) {', '.join(missing)}", path)
     unknown = sorted(set(raw) - set(_RECORD_FIELDS))
@@ -148,6 +154,12 @@ def _parse_record(raw: Any, index: int, path: Path) -> ResultRecord:
             floats[name] = float(value)
         else:
             raise DataError(f"{where}.{name} must be a number or null, got {value!r}", path)
+    params = raw.get("trainable_params")
+    if params is not None and (not _is_number(params) or params != int(params) or params < 0):
+        raise DataError(f"{where}.trainable_params must be an integer >= 0 or null, got {params!r}", path)
+    seconds = raw.get("fit_seconds")
+    if seconds is not None and (not _is_number(seconds) or seconds < 0):
+        raise DataError(f"{where}.fit_seconds must be a number >= 0 or null, got {seconds!r}", path)
     return ResultRecord(
         task=raw["task"],
         model=raw["model"],
@@ -160,6 +172,8 @@ def _parse_record(raw: Any, index: int, path: Path) -> ResultRecord:
         ci_high=floats["ci_high"],
         n_train=int(raw["n_train"]),
         n_test=int(raw["n_test"]),
+        trainable_params=None if params is None else int(params),
+        fit_seconds=None if seconds is None else float(seconds),
     )
 
 
@@ -206,6 +220,8 @@ def records_from_metrics(
     seed: int,
     n_train: int,
     n_test: int,
+    trainable_params: int | None = None,
+    fit_seconds: float | None = None,
 ) -> list[ResultRecord]:
     """One record per entry of ``compute_metrics``' output (anything with value/ci_low/ci_high)."""
     return [
@@ -221,6 +237,8 @@ def records_from_metrics(
             ci_high=float(mv.ci_high),
             n_train=int(n_train),
             n_test=int(n_test),
+            trainable_params=trainable_params,
+            fit_seconds=fit_seconds,
         )
         for name, mv in metrics.items()
     ]

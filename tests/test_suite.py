@@ -1,0 +1,167 @@
+"""Benchmark suites: a real suite on BreastMNIST killed midway resumes without recomputing finished cells."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import write_breastmnist_subset
+
+from medfoundry.config import SuiteConfig, SuiteTaskConfig, load_config
+from medfoundry.errors import MedfoundryError
+from medfoundry.evaluate.results import read_results
+from medfoundry.suite import load_task, run_suite
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KERMANY_PATIENTS = r"^(person\d+|(?:NORMAL2-)?IM-\d+)[-_]"
+
+
+@pytest.fixture(scope="module")
+def small_npz(breastmnist_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_breastmnist_subset(breastmnist_npz, tmp_path_factory.mktemp("data") / "breast_small.npz", 160)
+
+
+def _suite_yaml(small_npz: Path, out: Path) -> Path:
+    recipe = str(REPO_ROOT / "configs" / "pretrain" / "simclr.yaml")
+    suite = {
+        "name": "resume-test",
+        "output_dir": str(out),
+        "tasks": [{"name": "breast-small", "source": str(small_npz)}],
+        "encoders": [
+            {
+                "name": "simclr",
+                "recipe": recipe,
+                "pretrain_task": "breast-small",
+                "overrides": ["pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.tensorboard=false"],
+            },
+            {"name": "random-init", "recipe": recipe, "untrained": True, "finetune": False},
+        ],
+        "adapt": {"adapters": ["knn", "fewshot", "linear"], "label_fractions": [0.1, 1.0], "seeds": [0, 1]},
+        "finetune": {"modes": ["lora"], "max_steps": 30, "eval_every_steps": 10, "batch_size": 32},
+        "finetune_label_fractions": [1.0],
+        "evaluate": {"n_bootstrap": 100},
+        "comparisons": {"baseline_encoder": "random-init", "n_bootstrap": 200},
+    }
+    path = out.parent / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def _kill_after_first_finetune_cell(suite_yaml: Path, cells: Path) -> None:
+    """Start ``medfoundry eval`` and SIGKILL it as soon as the first fine-tuning cell is written."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medfoundry.cli", "eval", str(suite_yaml)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not list(cells.glob("*finetune*.json")):
+            if process.poll() is not None:
+                pytest.fail(f"suite ended before it could be killed: {process.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no fine-tuning cell within 300 s")
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def test_suite_killed_midway_resumes_without_recomputing(small_npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "suite"
+    suite_yaml = _suite_yaml(small_npz, out)
+    cells = out / "tasks" / "breast-small" / "cells"
+    _kill_after_first_finetune_cell(suite_yaml, cells)
+    finished = {path.name: path.stat().st_mtime_ns for path in cells.glob("*.json")}
+    # simclr's 12 probe cells, then its first of 2 LoRA cells; random-init's 12 probe cells were never reached.
+    assert len(finished) == 13
+    assert not (out / "results.json").exists()
+    assert not list(cells.glob(".*.tmp")), "a killed run must not leave half-written cells behind"
+
+    config = load_config(SuiteConfig, suite_yaml)
+    output = run_suite(config, show_progress=False, echo=lambda line: None)
+    assert output.cells_reused == 13
+    assert output.cells_computed == 2 * 3 * 2 * 2 + 2 - 13
+    for name, mtime in finished.items():
+        assert (cells / name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
+
+    results = read_results(out / "results.json")
+    cells_seen = {(r.model, r.adapter, r.label_fraction, r.seed) for r in results.records}
+    assert len(cells_seen) == 26
+    assert {r.metric for r in results.records} == {"auroc", "balanced_accuracy", "f1", "ece"}
+    costs = {r.adapter: r.trainable_params for r in results.records if r.model == "simclr"}
+    assert costs["knn"] == 0 and costs["fewshot"] == 0
+    assert costs["linear"] == 384 + 1  # token+avg features of a dim-192 ViT, one logit
+    assert 0 < costs["finetune-lora"] < 100_000
+    assert all(r.fit_seconds is not None and r.fit_seconds >= 0 for r in results.records)
+
+    comparisons = results.metadata["comparisons"]
+    pairs = {(c["model_a"], c["adapter_a"], c["model_b"], c["adapter_b"]) for c in comparisons}
+    assert ("simclr", "knn", "random-init", "knn") in pairs
+    assert ("simclr", "finetune-lora", "simclr", "linear") in pairs
+    for comparison in comparisons:
+        assert comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
+        assert comparison["n_seeds"] == 2
+    assert results.metadata["primary_metric"] == {"breast-small": "auroc"}
+    html = (out / "report.html").read_text()
+    assert "Adaptation ladder" in html and "significant" in html
+
+    again = run_suite(config, show_progress=False, echo=lambda line: None)
+    assert (again.cells_computed, again.cells_reused) == (0, 26)
+
+
+def test_missing_splits_are_carved_by_patient(shared_data: Path) -> None:
+    task = SuiteTaskConfig(
+        name="kermany",
+        source=f"folder:{shared_data / 'kermany_cxr_224_trainsubset'}",
+        options={"image_size": 32, "channels": 1, "patient_regex": KERMANY_PATIENTS},
+        test_fraction=0.2,
+        val_fraction=0.16,
+    )
+    data = load_task(task)
+    assert data.carved == ["test", "val"] and data.kind == "binary"
+    assert len(data.train) + len(data.val) + len(data.test) == 600
+    assert abs(len(data.test) - 120) <= 10 and abs(len(data.val) - 96) <= 10
+    patients = [set(split.patient_ids) for split in (data.train, data.val, data.test)]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    for split in (data.train, data.val, data.test):
+        assert set(np.asarray(split.labels).tolist()) == {0, 1}
+
+
+def test_ordinal_task_is_scored_by_kappa_first(shared_data: Path) -> None:
+    task = SuiteTaskConfig(
+        name="idrid",
+        source=f"idrid:{shared_data / 'idrid_dr_grading'}",
+        options={"target": "dr_grade", "image_size": 32},
+        kind="ordinal",
+    )
+    data = load_task(task)
+    assert data.metrics[0] == "kappa" and data.n_classes == 5
+    assert (len(data.train), len(data.val), len(data.test)) == (40, 10, 103)
+    assert not set(data.train.patient_ids) & set(data.val.patient_ids)
+
+
+def test_suite_config_errors_name_the_problem(tmp_path: Path) -> None:
+    base = {"tasks": [{"name": "t", "source": "x.npz"}], "encoders": [{"name": "e", "backbone": "vit_tiny_28"}]}
+    path = tmp_path / "suite.yaml"
+    cases = [
+        ({"encoders": [{"name": "e", "backbone": "vit_tiny_28", "checkpoint": "ckpt"}]}, "exactly one of"),
+        ({"comparisons": {"baseline_encoder": "nope"}}, "baseline_encoder 'nope' is not an encoder"),
+        ({"encoders": [{"name": "e", "backbone": "vit_tiny_28", "tasks": ["other"]}]}, "unknown task"),
+        ({"finetune_label_fractions": [0.5]}, "not among adapt.label_fractions"),
+        ({"tasks": [{"name": "t", "source": "x.npz"}, {"name": "t", "source": "y.npz"}]}, "repeated"),
+    ]
+    for change, message in cases:
+        path.write_text(yaml.safe_dump({**base, **change}))
+        with pytest.raises(MedfoundryError, match=message):
+            load_config(SuiteConfig, path)
