@@ -147,4 +147,4 @@ def test_missing_split_folder_and_bad_target(tmp_path: Path) -> None:
     expect_data_error(lambda: load_idrid(root), root, "no IDRiD test split", "test_images")
     expect_data_error(lambda: load_idrid(root, target="glaucoma"), root, "unknown IDRiD target 'glaucoma'")  # type: ignore[arg-type]
     expect_data_error(lambda: load_idrid(tmp_path / "none"), tmp_path / "none", "not found")
-    assert set(CLASS_NAMES) == {"dr_grade", "referable_dr", "dme"}
+    assert set(CLASS_NAMES) == {"dr_grade", "referable_dr", "dme", "multilabel"}

@@ -14,7 +14,12 @@ import pytest
 from PIL import Image
 
 from medfoundry.errors import DataError, OutputError
-from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
+from medfoundry.evaluate.report import (
+    format_markdown_tables,
+    format_summary_text,
+    render_report,
+    summarise_table,
+)
 from medfoundry.evaluate.results import (
     ResultRecord,
     ResultsFile,
@@ -473,3 +478,16 @@ def test_many_durations_get_a_table(tmp_path: Path) -> None:
     res.metadata["durations"] = {f"breastmnist/embed/model{i}": 60.0 * i for i in range(6)}
     html = render_report(res, tmp_path / "r.html").read_text()
     assert "<h2>Run time</h2>" in html and "breastmnist/embed/model5" in html and "5 min 00 s" in html
+
+
+def test_markdown_tables_pivot_the_headline_metric_by_fraction() -> None:
+    results = _make_results()
+    text = format_markdown_tables(results, {"breastmnist": "balanced_accuracy"})
+    lines = text.splitlines()
+    assert lines[0].startswith("**breastmnist**: Balanced accuracy")
+    assert lines[2] == "| model | adapter | 1% | 10% | 100% |"
+    body = [line for line in lines[4:] if line.startswith("| ")]
+    assert len(body) == len(MODELS) * len(ADAPTERS)
+    # dinov2 + lora at 100%: 0.6 + 0.2 + 0.06 + 0.02 - 0.01 (balanced accuracy), CI +- 0.04
+    assert "| dinov2-vitb14 | lora |" in text and "0.870 [0.830, 0.910]" in text
+    assert format_markdown_tables(results).splitlines()[0].startswith("**breastmnist**: AUROC")

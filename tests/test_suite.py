@@ -14,8 +14,9 @@ import pytest
 import yaml
 from helpers import write_breastmnist_subset
 
+from medfoundry.adapt.fewshot import PrototypeClassifier
 from medfoundry.config import SuiteConfig, SuiteTaskConfig, load_config
-from medfoundry.errors import MedfoundryError
+from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.results import read_results
 from medfoundry.suite import load_task, run_suite
 
@@ -165,3 +166,38 @@ def test_suite_config_errors_name_the_problem(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump({**base, **change}))
         with pytest.raises(MedfoundryError, match=message):
             load_config(SuiteConfig, path)
+
+
+def test_multilabel_task_runs_probes_and_lora(shared_data: Path, tmp_path: Path) -> None:
+    """IDRiD as two findings per image (referable DR, DME risk): probes and LoRA give one probability per label."""
+    config = SuiteConfig.model_validate(
+        {
+            "output_dir": str(tmp_path / "suite"),
+            "tasks": [
+                {
+                    "name": "idrid-findings",
+                    "source": f"idrid:{shared_data / 'idrid_dr_grading'}",
+                    "options": {"target": "multilabel", "image_size": 28},
+                }
+            ],
+            "encoders": [{"name": "vit", "backbone": "vit_tiny_28", "in_chans": 3, "img_size": 28}],
+            "adapt": {"adapters": ["knn", "fewshot", "linear", "mlp"], "label_fractions": [1.0], "seeds": [0]},
+            "finetune": {"modes": ["lora"], "max_steps": 4, "eval_every_steps": 2, "batch_size": 16},
+            "evaluate": {"n_bootstrap": 100},
+            "comparisons": {"n_bootstrap": 100},
+        }
+    )
+    output = run_suite(config, show_progress=False, echo=lambda line: None)
+    task = output.results.metadata["tasks"]["idrid-findings"]
+    assert task["kind"] == "multilabel" and task["n_classes"] == 2
+    assert {r.metric for r in output.results.records} == {"auroc"}
+    assert {r.adapter for r in output.results.records} == {"knn", "linear", "mlp", "finetune-lora"}
+    linear = next(r for r in output.results.records if r.adapter == "linear")
+    assert linear.trainable_params == 2 * (192 + 1)  # one logistic regression per label on 192 features
+    predictions = output.output_dir / "tasks" / "idrid-findings" / "predictions" / "vit__linear__1__0.csv"
+    header = predictions.read_text().splitlines()[0].split(",")
+    assert {"label_0", "label_1", "proba_0", "proba_1"} <= set(header)
+    assert len(output.results.metadata["comparisons"]) == 3  # knn, mlp and LoRA against the linear probe
+
+    with pytest.raises(DataError, match="multi-label targets have no class means"):
+        PrototypeClassifier().fit(np.zeros((4, 3)), np.array([[0, 1], [1, 0], [1, 1], [0, 0]]))

@@ -295,13 +295,15 @@ class ExperimentConfig(StrictModel):
     random_init_baseline: bool = True
 
 
-TaskKind = Literal["binary", "multiclass", "ordinal"]
+TaskKind = Literal["binary", "multiclass", "ordinal", "multilabel"]
 # Defaults per task kind: the first metric is the headline one (ordinal grades are judged by quadratic kappa, as in
 # the DR-grading literature); ECE is last because it says how far to trust the probabilities, not how good they rank.
 KIND_METRICS: dict[str, list[str]] = {
     "binary": ["auroc", "balanced_accuracy", "f1", "ece"],
     "multiclass": ["auroc", "balanced_accuracy", "accuracy", "f1", "ece"],
     "ordinal": ["kappa", "balanced_accuracy", "auroc", "ece"],
+    # Per-label AUROC averaged over labels: the metrics that pick one class per case do not apply.
+    "multilabel": ["auroc"],
 }
 
 
@@ -311,7 +313,9 @@ class SuiteTaskConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="used in results, report and file names")
     source: str = Field(description="dataset spec: file.npz, folder, csv:..., idrid:..., or prefix:path")
     options: dict[str, Any] = Field(default_factory=dict, description="reader arguments, e.g. {image_size: 64}")
-    kind: TaskKind | None = Field(None, description="binary / multiclass / ordinal; inferred from the labels if unset")
+    kind: TaskKind | None = Field(
+        None, description="binary / multiclass / ordinal / multilabel; inferred from the labels if unset"
+    )
     metrics: list[str] | None = Field(None, description="default by kind; the first is the headline metric")
     val_split: str = "val"
     test_split: str = "test"

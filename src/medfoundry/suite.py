@@ -74,8 +74,9 @@ class TaskData:
 
     def describe(self) -> str:
         carved = f" ({', '.join(self.carved)} carved from train by patient)" if self.carved else ""
+        unit = "labels" if self.kind == "multilabel" else "classes"
         return (
-            f"{self.name}: {self.kind}, {self.n_classes} classes, train/val/test "
+            f"{self.name}: {self.kind}, {self.n_classes} {unit}, train/val/test "
             f"{len(self.train)}/{len(self.val)}/{len(self.test)}{carved}; headline metric {self.metrics[0]}"
         )
 
@@ -95,10 +96,10 @@ def _labels(images: ImageSet, task: str, split: str) -> np.ndarray:
     if images.labels is None:
         raise DataError(f"task '{task}': split '{split}' has no labels", images.source)
     labels = np.asarray(images.labels)
-    if labels.ndim != 1:
-        raise DataError(
-            f"task '{task}': multi-label targets are not supported by suites yet (split '{split}')", images.source
-        )
+    if labels.ndim == 2 and not np.isin(labels, (0, 1)).all():
+        raise DataError(f"task '{task}': multi-label targets must be 0/1 columns (split '{split}')", images.source)
+    if labels.ndim not in (1, 2):
+        raise DataError(f"task '{task}': labels of shape {labels.shape} (split '{split}')", images.source)
     return labels
 
 
@@ -126,10 +127,14 @@ def load_task(task: SuiteTaskConfig) -> TaskData:
         train, val = parts["train"], parts["val"]
         carved.append("val")
     labels = [_labels(images, task.name, split) for split, images in (("train", train), ("val", val), ("test", test))]
-    n_classes = int(max(int(y.max()) for y in labels) + 1)
-    if n_classes < 2:
+    multilabel = labels[0].ndim == 2
+    n_classes = labels[0].shape[1] if multilabel else int(max(int(y.max()) for y in labels) + 1)
+    if n_classes < 2 and not multilabel:
         raise DataError(f"task '{task.name}' has a single class", task.source)
-    kind = task.kind or ("binary" if n_classes == 2 else "multiclass")
+    kind = task.kind or ("multilabel" if multilabel else "binary" if n_classes == 2 else "multiclass")
+    if (kind == "multilabel") != multilabel:
+        shape = "(N, K) label columns" if multilabel else "one label per case"
+        raise DataError(f"task '{task.name}' is declared {kind} but its labels have {shape}", task.source)
     if kind == "binary" and n_classes != 2:
         raise DataError(f"task '{task.name}' is declared binary but has {n_classes} classes", task.source)
     metrics = list(task.metrics or KIND_METRICS[kind])
@@ -212,13 +217,21 @@ class _Cells:
         return label_fraction_indices(self.y_train, fraction, seed, self.config.adapt.min_per_class)
 
 
+# Prototypes are class means: a case with several labels belongs to no single class.
+SINGLE_LABEL_ADAPTERS = ("fewshot",)
+
+
+def applicable_adapters(adapters: list[str], kind: str) -> list[str]:
+    return [a for a in adapters if not (kind == "multilabel" and a in SINGLE_LABEL_ADAPTERS)]
+
+
 def _probe_cells(cells: _Cells, name: str, encoder: Encoder, features: dict[str, Embeddings]) -> list[ResultRecord]:
     config, task = cells.config, cells.task
     y_val = np.asarray(task.val.labels)
     inputs = [weights_hash(encoder.backbone), encoder.pool, config.adapt.model_dump(mode="json")]
     records: list[ResultRecord] = []
     for adapter_name, fraction, seed in product(
-        config.adapt.adapters, config.adapt.label_fractions, config.adapt.seeds
+        applicable_adapters(config.adapt.adapters, task.kind), config.adapt.label_fractions, config.adapt.seeds
     ):
         subset = cells.subset(fraction, seed)
 
@@ -338,6 +351,9 @@ def run_suite(config: SuiteConfig, show_progress: bool = True, echo: Echo = prin
     tasks = {spec.name: load_task(spec) for spec in config.tasks}
     for task in tasks.values():
         echo(f"task {task.describe()}")
+        skipped = sorted(set(config.adapt.adapters) - set(applicable_adapters(config.adapt.adapters, task.kind)))
+        if skipped:
+            echo(f"  {', '.join(skipped)} skipped on {task.name}: prototypes need one class per case")
     encoders: dict[str, Encoder] = {}
     for spec in config.encoders:
         t0 = time.perf_counter()

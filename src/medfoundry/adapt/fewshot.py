@@ -65,6 +65,11 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         if len(X) == 0:
             raise DataError("few-shot prototypes need at least one support example")
+        if y.ndim != 1:
+            raise DataError(
+                "few-shot prototypes need one class per example; multi-label targets have no class means "
+                "(use the linear, mlp or knn adapter)"
+            )
         self.classes_ = np.unique(y)
         self.n_classes_ = self.n_classes or int(self.classes_.max() + 1)
         self.mean_ = X.mean(axis=0)

@@ -91,6 +91,8 @@ class FineTuner:
     training losses and the (step, validation AUROC) pairs; ``best_score_`` is the AUROC of the weights kept.
     """
 
+    multilabel_: bool = False  # set by fit from the labels' shape
+
     def __init__(
         self,
         encoder: Encoder,
@@ -166,6 +168,11 @@ class FineTuner:
         )
         return self
 
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.multilabel_:
+            return F.binary_cross_entropy_with_logits(self._logits(x), y)
+        return F.cross_entropy(self._logits(x), y)
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_(self.encoder_(prepare_batch(self.encoder_, x)))
 
@@ -173,22 +180,30 @@ class FineTuner:
     def _proba(self, x: torch.Tensor) -> np.ndarray:
         self.encoder_.eval()
         self.head_.eval()
-        chunks = [F.softmax(self._logits(x[i : i + 256]), dim=1) for i in range(0, len(x), 256)]
+        # Multi-label heads give one independent probability per label; single-label heads a distribution.
+        activate = torch.sigmoid if self.multilabel_ else (lambda logits: F.softmax(logits, dim=1))
+        chunks = [activate(self._logits(x[i : i + 256])) for i in range(0, len(x), 256)]
         return torch.cat(chunks).double().numpy()
 
     def fit(self, train: ImageSet, val: ImageSet | None = None) -> FineTuner:
-        if train.labels is None or np.asarray(train.labels).ndim != 1:
-            raise ModelError("fine-tuning needs single-label training images (labels of shape (N,))", train.source)
+        labels = None if train.labels is None else np.asarray(train.labels)
+        if labels is None or labels.ndim not in (1, 2):
+            raise ModelError(
+                "fine-tuning needs labelled training images (labels (N,) or multi-label (N, K))", train.source
+            )
+        if labels.ndim == 2 and labels.shape[1] != self.n_classes:
+            raise ModelError(f"{labels.shape[1]} label columns but n_classes={self.n_classes}", train.source)
+        self.multilabel_ = labels.ndim == 2
         started = time.perf_counter()
         self.build()
         x_val = _stack(val) if val is not None else None
         evaluate = (lambda: auroc(np.asarray(val.labels), self._proba(x_val))) if val is not None else None
         self.history_: TrainLog = train_with_early_stopping(
             [self.encoder_, self.head_],
-            lambda x, y: F.cross_entropy(self._logits(x), y),
+            self._loss,
             self.optimizer_,
             _stack(train),
-            torch.as_tensor(train.labels, dtype=torch.long),
+            torch.as_tensor(labels, dtype=torch.float32 if self.multilabel_ else torch.long),
             evaluate,
             max_steps=self.max_steps,
             eval_every_steps=self.eval_every_steps,

@@ -25,8 +25,10 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
     def fit(
         self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None
     ) -> KNNProbe:
-        self.classes_ = np.unique(y)
-        self.n_classes_ = self.n_classes or int(self.classes_.max() + 1)
+        y = np.asarray(y)
+        self.multilabel_ = y.ndim == 2
+        self.classes_ = np.arange(y.shape[1]) if self.multilabel_ else np.unique(y)
+        self.n_classes_ = y.shape[1] if self.multilabel_ else self.n_classes or int(self.classes_.max() + 1)
         self.model_ = KNeighborsClassifier(
             n_neighbors=min(self.k, len(y)), metric="cosine", algorithm="brute", weights=self._weights
         ).fit(X, y)
@@ -36,6 +38,15 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
     trainable_parameters_: int = 0
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        if self.multilabel_:
+            # One vote share per label: the weighted share of neighbours carrying it (0 when no training
+            # example carried it, 1 when all did; sklearn then returns a single column for that label).
+            per_label = self.model_.predict_proba(X)
+            columns = [
+                proba[:, list(classes).index(1)] if 1 in classes else np.zeros(len(X))
+                for proba, classes in zip(per_label, self.model_.classes_, strict=True)
+            ]
+            return np.column_stack(columns).astype(np.float64)
         return expand_proba(self.model_.predict_proba(X), self.model_.classes_, self.n_classes_)
 
     def predict(self, X: np.ndarray) -> np.ndarray:

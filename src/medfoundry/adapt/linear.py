@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sklearn.linear_model import LogisticRegression
+from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -34,9 +35,11 @@ class LinearProbe(GridSelectedProbe):
         return list(self.c_grid)
 
     def _pipeline(self, value: float) -> Pipeline:
-        return make_pipeline(
-            StandardScaler(), LogisticRegression(C=value, max_iter=self.max_iter, random_state=self.seed)
-        )
+        model = LogisticRegression(C=value, max_iter=self.max_iter, random_state=self.seed)
+        if getattr(self, "multilabel_", False):
+            # LogisticRegression takes one label column; multi-label fits one binary model per label.
+            return make_pipeline(StandardScaler(), OneVsRestClassifier(model))
+        return make_pipeline(StandardScaler(), model)
 
     def _simplicity(self, value: float) -> float:
         return -value  # smaller C: stronger regularisation

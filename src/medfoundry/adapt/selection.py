@@ -50,8 +50,11 @@ class GridSelectedProbe(ClassifierMixin, BaseEstimator):
     def fit(
         self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None
     ) -> GridSelectedProbe:
-        self.classes_ = np.unique(y)
-        self.n_classes_ = self.n_classes or int(self.classes_.max() + 1)
+        y = np.asarray(y)
+        # Multi-label targets are (N, K) 0/1 columns: one probability per label instead of a distribution.
+        self.multilabel_ = y.ndim == 2
+        self.classes_ = np.arange(y.shape[1]) if self.multilabel_ else np.unique(y)
+        self.n_classes_ = y.shape[1] if self.multilabel_ else self.n_classes or int(self.classes_.max() + 1)
         grid = self._grid()
         self.val_scores_: dict[float, float] = {}
         if X_val is None or y_val is None or len(np.unique(y_val)) < 2:
@@ -68,6 +71,8 @@ class GridSelectedProbe(ClassifierMixin, BaseEstimator):
         return self
 
     def _full_proba(self, model: Pipeline, X: np.ndarray) -> np.ndarray:
+        if self.multilabel_:
+            return np.asarray(model.predict_proba(X), dtype=np.float64)
         return expand_proba(model.predict_proba(X), model.classes_, self.n_classes_)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -80,6 +85,9 @@ class GridSelectedProbe(ClassifierMixin, BaseEstimator):
     def trainable_parameters_(self) -> int:
         """Weights and biases the selected model fitted (the scaler's statistics are not counted)."""
         final = self.model_[-1]
-        arrays = [getattr(final, name) for name in ("coef_", "intercept_") if hasattr(final, name)]
-        arrays += [array for name in ("coefs_", "intercepts_") for array in getattr(final, name, [])]
+        # A one-vs-rest wrapper (multi-label linear probe) holds one fitted model per label.
+        arrays = []
+        for model in getattr(final, "estimators_", [final]):
+            arrays += [getattr(model, name) for name in ("coef_", "intercept_") if hasattr(model, name)]
+            arrays += [array for name in ("coefs_", "intercepts_") for array in getattr(model, name, [])]
         return int(sum(np.size(array) for array in arrays))

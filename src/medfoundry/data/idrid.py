@@ -26,13 +26,15 @@ from medfoundry.data.fundus import FundusImageSet
 from medfoundry.data.sample import Splits
 from medfoundry.errors import DataError
 
-Target = Literal["dr_grade", "referable_dr", "dme"]
+Target = Literal["dr_grade", "referable_dr", "dme", "multilabel"]
 
 CLASS_NAMES: dict[str, list[str]] = {
     "dr_grade": ["no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "proliferative DR"],
     # Referable DR (moderate NPDR or worse) is the usual screening end point.
     "referable_dr": ["non-referable", "referable"],
     "dme": ["no hard exudates", "exudates beyond 1 DD of macula", "exudates within 1 DD of macula"],
+    # Two findings an image can have at once: (N, 2) 0/1 columns.
+    "multilabel": ["referable DR", "DME risk"],
 }
 _LAYOUTS = {
     "train": [
@@ -60,7 +62,8 @@ def load_idrid(
     """Load IDRiD grading as ``{"train", "test"}`` :class:`FundusImageSet` splits, cropped to the FOV when loaded.
 
     ``target`` picks the label: ``dr_grade`` (0-4), ``referable_dr`` (1 when the DR grade is 2 or more) or
-    ``dme`` (risk of macular edema, 0-2). ``image_size`` and ``local_contrast`` go to
+    ``dme`` (risk of macular edema, 0-2), or ``multilabel``: two 0/1 columns, referable DR and any DME risk (grade
+    1 or 2), which an image can have together. ``image_size`` and ``local_contrast`` go to
     :func:`medfoundry.data.fundus.fundus_crop`.
 
     Raises:
@@ -144,8 +147,10 @@ def _label_row(labels: dict[str, tuple[int, int]], path: Path) -> tuple[int, int
     return labels[path.stem]
 
 
-def _target(grades: tuple[int, int], target: Target) -> int:
+def _target(grades: tuple[int, int], target: Target) -> int | list[int]:
     dr, dme = grades
+    if target == "multilabel":
+        return [int(dr >= 2), int(dme >= 1)]
     if target == "referable_dr":
         return int(dr >= 2)
     return dr if target == "dr_grade" else dme

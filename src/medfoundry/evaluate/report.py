@@ -193,6 +193,47 @@ def format_summary_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def format_markdown_tables(results: ResultsFile | Path | str, metrics: Mapping[str, str] | None = None) -> str:
+    """Markdown tables for pasting into a paper draft or an issue: per task, its headline metric (``metrics``, else
+    ``metadata["primary_metric"]``, else the first in report order) as mean over seeds with the mean CI, one
+    row per (model, adapter) and one column per label fraction."""
+    res = _load(results)
+    rows = summarise_table(res)
+    chosen = dict(metrics or res.metadata.get("primary_metric") or {})
+    blocks = []
+    for task in dict.fromkeys(row["task"] for row in rows):
+        task_rows = [row for row in rows if row["task"] == task]
+        present = [m for m in table_metrics(task_rows) if any(not math.isnan(r[m]) for r in task_rows)]
+        metric = chosen.get(task) if chosen.get(task) in present else (present[0] if present else None)
+        if metric is None:
+            continue
+        fractions = sorted({row["label_fraction"] for row in task_rows})
+        label = METRIC_LABELS.get(metric, metric)
+        lines = [
+            f"**{task}**: {label}, mean over seeds [mean 95% CI]",
+            "",
+            "| model | adapter | " + " | ".join(format_fraction(f) for f in fractions) + " |",
+            "|---|---|" + "---|" * len(fractions),
+        ]
+        for model, adapter in dict.fromkeys((row["model"], row["adapter"]) for row in task_rows):
+            cells = []
+            for fraction in fractions:
+                match = [
+                    r
+                    for r in task_rows
+                    if (r["model"], r["adapter"], r["label_fraction"]) == (model, adapter, fraction)
+                ]
+                row = match[0] if match else None
+                cells.append(
+                    ""
+                    if row is None
+                    else f"{_fmt(row[metric])} [{_fmt(row[metric + '_ci_low'])}, {_fmt(row[metric + '_ci_high'])}]"
+                )
+            lines.append(f"| {model} | {adapter} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 # --------------------------------------------------------------------------------------------- plots
 
 
