@@ -17,6 +17,7 @@ from PIL import Image
 
 from medfoundry.data.sample import ImageSet, Splits
 from medfoundry.errors import DataError
+from medfoundry.wsi.tiling import open_slide, otsu_tissue_mask, read_thumbnail, select_tissue_tiles
 
 # Slide formats OpenSlide reads that are never plain images (.tif/.tiff need the ``wsi:`` prefix).
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
@@ -34,27 +35,18 @@ class TileGrid:
 
 
 def _open(path: Path):  # noqa: ANN202 - openslide's type is not exported with annotations
-    import openslide
-
-    if not path.is_file():
-        raise DataError("slide not found" if not path.exists() else "is not a file", path)
-    try:
-        return openslide.OpenSlide(str(path))
-    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as error:
-        raise DataError(f"OpenSlide cannot read this slide ({error}); is it truncated or not a WSI?", path) from None
+    return open_slide(path)
 
 
-def tissue_mask(slide, thumbnail_size: int = _THUMBNAIL_SIZE) -> tuple[np.ndarray, float]:  # noqa: ANN001
+def tissue_mask(
+    slide,  # noqa: ANN001
+    thumbnail_size: int = _THUMBNAIL_SIZE,
+    source: Path | None = None,
+) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of a thumbnail, and level-0 pixels per thumbnail pixel."""
-    from skimage.color import rgb2hsv
-    from skimage.filters import threshold_otsu
-
-    thumbnail = np.asarray(slide.get_thumbnail((thumbnail_size, thumbnail_size)).convert("RGB"))
-    saturation = rgb2hsv(thumbnail)[..., 1]
-    # Otsu on a near-constant thumbnail (all glass) would split noise; require a minimum saturation as well.
-    threshold = max(threshold_otsu(saturation), 0.05) if saturation.max() > saturation.min() else 1.0
+    thumbnail = read_thumbnail(slide, thumbnail_size, source)
     scale = slide.dimensions[0] / thumbnail.shape[1]
-    return saturation > threshold, scale
+    return otsu_tissue_mask(thumbnail), scale
 
 
 def tile_grid(
@@ -72,18 +64,12 @@ def tile_grid(
     width, height = slide.dimensions
     if read_size > min(width, height):
         raise DataError(f"tiles of {read_size} level-0 pixels do not fit in a {width}x{height} slide", source)
-    mask, scale = tissue_mask(slide)
-    corners = []
-    for y in range(0, height - read_size + 1, read_size):
-        for x in range(0, width - read_size + 1, read_size):
-            x0, y0 = int(x / scale), int(y / scale)
-            x1, y1 = max(int((x + read_size) / scale), x0 + 1), max(int((y + read_size) / scale), y0 + 1)
-            if mask[y0:y1, x0:x1].mean() >= min_tissue:
-                corners.append((x, y))
-    if not corners:
+    mask, _ = tissue_mask(slide, source=source)
+    corners, _ = select_tissue_tiles(mask, (width, height), read_size, min_tissue)
+    if len(corners) == 0:
         raise DataError(f"no tile has at least {min_tissue:.0%} tissue; lower min_tissue or check the slide", source)
     out_mpp = float(base_mpp) * read_size / tile_size if base_mpp is not None else None
-    return TileGrid(np.asarray(corners, dtype=np.int64), read_size, tile_size, out_mpp)
+    return TileGrid(corners, read_size, tile_size, out_mpp)
 
 
 class WSITileSet(ImageSet):

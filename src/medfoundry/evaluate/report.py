@@ -875,14 +875,31 @@ def _comparison_order(c: Comparison) -> tuple[Any, ...]:
 def _comparisons_html(comparisons: list[Comparison], colours: Mapping[str, str]) -> str:
     """Bulleted verdicts plus a compact table of differences, ordered by label fraction."""
     ordered = sorted(comparisons, key=_comparison_order)
-    items = []
-    for c in ordered:
+
+    def item(c: Comparison) -> str:
         lead, verdict, detail = describe_comparison(c)
         cls = "sig" if c.significant else "nonsig"
-        items.append(f'<li>{_esc(lead)}: <span class="{cls}">{_esc(verdict)}</span>{_esc(detail)}.</li>')
+        return f'<li>{_esc(lead)}: <span class="{cls}">{_esc(verdict)}</span>{_esc(detail)}.</li>'
+
+    # A reader wants the differences that hold first; the rest stay one click away, not in their way.
+    significant = [c for c in ordered if c.significant]
+    others = [c for c in ordered if not c.significant]
+    headline = (
+        f"<p><b>{len(significant)} of {len(ordered)}</b> paired comparisons are significant "
+        f"(their confidence interval excludes 0).</p>"
+    )
+    listed = f"<ul>{''.join(item(c) for c in significant)}</ul>" if significant else ""
+    folded = (
+        f"<details><summary>{len(others)} not significant</summary><ul>{''.join(item(c) for c in others)}</ul>"
+        "</details>"
+        if others
+        else ""
+    )
     note = (
         '<p class="note">Paired bootstrap on the same test cases (patients resampled for both sides at once), '
-        "averaged over seeds. A difference is significant when its confidence interval excludes 0.</p>"
+        "averaged over seeds. A difference is significant when its confidence interval excludes 0. With many "
+        "comparisons some will pass by chance (about 1 in 20 of the true ties at 95%): read this as where to look, "
+        "not as proof.</p>"
     )
     rows = []
     for c in ordered:
@@ -911,7 +928,7 @@ def _comparisons_html(comparisons: list[Comparison], colours: Mapping[str, str])
         '<p class="note">Opposite sign: share of bootstrap resamples whose difference has the sign opposite to the '
         "observed one (how often the ranking would flip). For ECE lower is better, so a negative A − B favours A.</p>"
     )
-    return f'<div class="summary"><ul>{"".join(items)}</ul>{note}</div><h3>Paired comparisons</h3>{table}'
+    return f'<div class="summary">{headline}{listed}{folded}{note}</div><h3>Paired comparisons</h3>{table}'
 
 
 # ------------------------------------------------------------------------------------------ tables

@@ -1,0 +1,80 @@
+"""``medfoundry wsi``: tile whole-slide images and embed their tiles (a thin layer over ``medfoundry.wsi``).
+
+Both commands go on past bad slides and print a summary; they exit 1 only when every slide failed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+wsi_app = typer.Typer(no_args_is_help=True, help="Whole-slide images: tissue tiling and tile embedding.")
+console = Console(stderr=True)
+
+
+def _echo(line: str) -> None:
+    console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+@wsi_app.command("tile")
+def tile_cmd(
+    slides: Annotated[list[Path], typer.Argument(help="slide files, or folders of slides")],
+    out: Annotated[Path, typer.Option("--out", help="output folder (patches/, thumbnails/, tile_summary.json)")],
+    mpp: Annotated[float, typer.Option("--mpp", help="micrometres per output pixel (0.5 ~ 20x)")] = 0.5,
+    tile: Annotated[int, typer.Option("--tile", help="tile side in output pixels")] = 224,
+    min_tissue: Annotated[float, typer.Option("--min-tissue", help="minimum tissue fraction per tile")] = 0.5,
+    mpp_override: Annotated[
+        float | None, typer.Option("--mpp-override", help="level-0 MPP to use instead of the slide's metadata")
+    ] = None,
+) -> None:
+    """Find tissue and write tile coordinates (HDF5, TRIDENT/CLAM layout) and a thumbnail per slide."""
+    from medfoundry.wsi.tiling import tile_slides
+
+    summary = tile_slides(slides, out, mpp, tile, min_tissue, mpp_override, echo=_echo)
+    _echo(f"tiled {len(summary.done)} slide(s), skipped {len(summary.skipped)}; summary: {out / 'tile_summary.json'}")
+    for path, reason in summary.skipped:
+        _echo(f"  skipped {path}: {reason}")
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@wsi_app.command("embed")
+def embed_cmd(
+    patches: Annotated[Path, typer.Option("--patches", help="patches folder written by `wsi tile`")],
+    model: Annotated[str, typer.Option("--model", "-m", help="checkpoint folder, preset or timm name")],
+    out: Annotated[Path, typer.Option("--out", help="features folder (<slide>.h5, state/, embed_summary.json)")],
+    slides: Annotated[
+        list[Path] | None, typer.Option("--slides", help="slide files or folders (default: paths in the patches)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="tiles per batch")] = 64,
+    num_workers: Annotated[int, typer.Option("--num-workers", help="DataLoader workers reading tiles")] = 2,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the encoder")] = False,
+    img_size: Annotated[int | None, typer.Option("--img-size", help="input size for a preset or timm name")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when present)")] = None,
+) -> None:
+    """Stream tiles through an encoder into per-slide features; slides already done are skipped."""
+    from medfoundry.wsi.embedding import embed_slides
+
+    summary = embed_slides(
+        patches,
+        model,
+        out,
+        slides=slides,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        bf16=bf16,
+        img_size=img_size,
+        device=device,
+        progress=sys.stderr.isatty(),
+        echo=_echo,
+    )
+    for row in summary.failed:
+        _echo(f"  failed {row['slide']}: {row['error']}")
+    _echo(f"summary: {out / 'embed_summary.json'}")
+    if not summary.ok:
+        raise typer.Exit(1)

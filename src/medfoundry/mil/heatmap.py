@@ -1,0 +1,102 @@
+"""Per-tile attention drawn over a slide thumbnail.
+
+Scores are mapped to [0, 1] by rank within the slide (as CLAM's heatmaps do): attention is a softmax over
+thousands of tiles, so raw values are tiny and heavy-tailed, and min-max scaling would leave all but a few
+tiles at the bottom of the colour map. Overlapping tiles average their scores; pixels no tile covers keep the
+thumbnail's own colour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medfoundry.errors import DataError
+from medfoundry.io_utils import atomic_path
+
+
+def normalise_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
+    """Scores in [0, 1]: ``rank`` (percentile within the slide, ties share a rank) or ``minmax``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size <= 1 or np.ptp(scores) == 0:
+        return np.ones_like(scores)
+    if method == "minmax":
+        return (scores - scores.min()) / np.ptp(scores)
+    if method == "rank":
+        _, inverse = np.unique(scores, return_inverse=True)
+        return inverse / max(int(inverse.max()), 1)
+    raise ValueError(f"unknown score normalisation {method!r}; use 'rank' or 'minmax'")
+
+
+def _tile_boxes(
+    coords: np.ndarray, patch_size_level0: int, level0_size: tuple[int, int], thumb_size: tuple[int, int]
+) -> np.ndarray:
+    """Tile rectangles (x0, y0, x1, y1) in thumbnail pixels, clipped to the thumbnail."""
+    scale = np.array([thumb_size[0] / level0_size[0], thumb_size[1] / level0_size[1]])
+    start = np.floor(coords * scale).astype(np.int64)
+    # At least one pixel, so tiles stay visible on a small thumbnail of a large slide.
+    end = np.maximum(np.ceil((coords + patch_size_level0) * scale).astype(np.int64), start + 1)
+    boxes = np.concatenate([start, end], axis=1)
+    return np.clip(boxes, 0, [thumb_size[0], thumb_size[1], thumb_size[0], thumb_size[1]])
+
+
+def score_map(
+    coords: np.ndarray,
+    scores: np.ndarray,
+    patch_size_level0: int,
+    level0_size: tuple[int, int],
+    thumb_size: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean score per thumbnail pixel (H, W) and a mask of the pixels at least one tile covers."""
+    width, height = thumb_size
+    total = np.zeros((height, width))
+    count = np.zeros((height, width))
+    for (x0, y0, x1, y1), score in zip(_tile_boxes(coords, patch_size_level0, level0_size, thumb_size), scores):
+        total[y0:y1, x0:x1] += score
+        count[y0:y1, x0:x1] += 1
+    covered = count > 0
+    return np.divide(total, count, out=np.zeros_like(total), where=covered), covered
+
+
+def attention_heatmap(
+    thumbnail: Image.Image,
+    coords: np.ndarray,
+    patch_size_level0: int,
+    level0_size: tuple[int, int],
+    scores: Sequence[float] | np.ndarray,
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    normalise: str = "rank",
+) -> Image.Image:
+    """The thumbnail (RGB, same size) with each tile tinted by its attention score.
+
+    ``coords`` are level-0 top-left corners (N, 2) of tiles ``patch_size_level0`` wide; ``level0_size`` is the
+    slide's level-0 (width, height); ``scores`` has one value per tile (higher = more attended).
+    """
+    from matplotlib import colormaps
+
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if coords.shape[0] != scores.shape[0]:
+        raise DataError(f"{coords.shape[0]} tile coordinates but {scores.shape[0]} attention scores")
+    if not np.isfinite(scores).all():
+        raise DataError("attention scores contain NaN or infinite values")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = np.asarray(thumbnail.convert("RGB"), dtype=np.float64) / 255.0
+    values, covered = score_map(coords, normalise_scores(scores, normalise), patch_size_level0, level0_size, thumbnail.size)
+    colours = colormaps[cmap](values)[..., :3]
+    blended = np.where(covered[..., None], (1 - alpha) * base + alpha * colours, base)
+    return Image.fromarray(np.round(blended * 255).astype(np.uint8), mode="RGB")
+
+
+def save_heatmap(image: Image.Image, path: str | Path) -> Path:
+    """Write the heatmap as PNG atomically (no half-written image is left after a crash)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path

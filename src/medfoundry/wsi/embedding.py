@@ -1,0 +1,429 @@
+"""Streaming tile embedding: slide regions read on demand in DataLoader workers, through an encoder, into HDF5.
+
+The slide is never loaded whole: each worker opens its own OpenSlide handle lazily and reads one region per
+tile. Features are written row by row into ``.<stem>.h5.tmp`` and renamed to ``<stem>.h5`` only when complete,
+so a killed run leaves no file that could be mistaken for a result; the stale temp file is removed next time.
+A finished file is reused when its encoder weights hash, preprocessing and coordinates all match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medfoundry.adapt.embed import prepare_batch, preprocessing_spec
+from medfoundry.errors import DataError, MedfoundryError
+from medfoundry.io_utils import hash_json, write_json_atomic
+from medfoundry.models.backbones import Encoder
+from medfoundry.models.checkpoint import load_encoder_or_build, weights_hash
+from medfoundry.wsi.tiling import SLIDE_FILE_SUFFIXES, ReadPlan, open_slide, read_patches, read_tile
+
+log = logging.getLogger("medfoundry.wsi")
+
+_HISTORY_LENGTH = 20
+
+
+class SlideTiles(Dataset):
+    """The tiles of one slide as (3, P, P) uint8 tensors, read from the slide when asked for."""
+
+    def __init__(self, slide_path: Path, coords: np.ndarray, plan: ReadPlan) -> None:
+        self.slide_path = Path(slide_path)
+        self.coords = np.asarray(coords, dtype=np.int64)
+        self.plan = plan
+        self._slide = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # OpenSlide handles cannot be pickled into workers; each worker opens its own on first use.
+        return {**self.__dict__, "_slide": None}
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._slide is None:
+            self._slide = open_slide(self.slide_path)
+        corner = self.coords[index]
+        try:
+            tile = read_tile(self._slide, corner, self.plan)
+        except Exception as error:  # noqa: BLE001 - OpenSlide raises several types for damaged tiles
+            raise DataError(f"cannot read the tile at ({corner[0]}, {corner[1]}): {error}", self.slide_path) from None
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(tile).transpose(2, 0, 1)))
+
+
+def plan_from_attrs(attrs: dict[str, Any], slide, source: Path) -> ReadPlan:  # noqa: ANN001
+    """How to read tiles, from a patches file's attributes; files without ``level`` (TRIDENT, CLAM) read level 0."""
+    if "patch_size" not in attrs:
+        raise DataError("patches file lacks the 'patch_size' attribute on 'coords'", source)
+    patch_size = int(attrs["patch_size"])
+    size0 = int(attrs.get("patch_size_level0", patch_size))
+    level = int(attrs.get("level", 0))
+    if not 0 <= level < slide.level_count:
+        raise DataError(f"patches were cut at level {level} but the slide has {slide.level_count} levels", source)
+    downsample = float(slide.level_downsamples[level])
+    read_size = int(attrs.get("read_size", max(1, round(size0 / downsample))))
+    base = float(attrs.get("level0_mpp", 0.0) or 0.0)
+    mpp = float(attrs.get("mpp", 0.0) or 0.0)
+    return ReadPlan(level, downsample, read_size, patch_size, size0, base, mpp)
+
+
+@dataclass
+class SlideJob:
+    """One slide to embed: its patches file, the slide file, and the output."""
+
+    stem: str
+    patches: Path
+    slide: Path | None
+
+
+@dataclass
+class EmbedSummary:
+    done: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """False when every slide failed (the CLI then exits 1)."""
+        return bool(self.done or self.skipped) or not self.failed
+
+
+def find_slides(inputs: Iterable[str | Path]) -> dict[str, Path]:
+    """Slide files by stem, from files and folders (folders are searched recursively)."""
+    found: dict[str, Path] = {}
+    for item in inputs:
+        path = Path(item)
+        candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for candidate in candidates:
+            if candidate.is_file() and candidate.suffix.lower() in SLIDE_FILE_SUFFIXES:
+                found.setdefault(candidate.stem, candidate)
+    return found
+
+
+def plan_jobs(patches_dir: Path, slides: Iterable[str | Path] | None) -> list[SlideJob]:
+    """Pair every ``<stem>.h5`` in ``patches_dir`` with its slide (from ``slides``, else the file's slide_path)."""
+    patches_dir = Path(patches_dir)
+    if not patches_dir.is_dir():
+        raise DataError("patches folder not found (run `medfoundry wsi tile` first)", patches_dir)
+    by_stem = find_slides(slides or [])
+    jobs = []
+    for patches in sorted(patches_dir.glob("*.h5")):
+        slide = by_stem.get(patches.stem)
+        if slide is None and not slides:
+            slide = _slide_path_attr(patches)
+        jobs.append(SlideJob(patches.stem, patches, slide))
+    if not jobs:
+        raise DataError("no <slide>.h5 patches files in this folder", patches_dir)
+    return jobs
+
+
+def _slide_path_attr(patches: Path) -> Path | None:
+    with contextlib.suppress(OSError, KeyError), h5py.File(patches, "r") as h5:
+        value = h5["coords"].attrs.get("slide_path")
+        return Path(value.decode() if isinstance(value, bytes) else str(value)) if value is not None else None
+    return None
+
+
+def output_key(encoder: Encoder, encoder_hash: str, attrs: dict[str, Any]) -> dict[str, Any]:
+    """What a finished features file must match to be reused (coords are compared separately)."""
+    return {
+        "encoder_weights_hash": encoder_hash,
+        "preprocessing_hash": hash_json(preprocessing_spec(encoder)),
+        "patch_size": int(attrs["patch_size"]),
+        "mpp": float(attrs.get("mpp", 0.0) or 0.0),
+    }
+
+
+def is_reusable(path: Path, key: dict[str, Any], coords: np.ndarray) -> bool:
+    """Whether ``path`` is a complete features file for these weights, preprocessing and coordinates."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = dict(h5.attrs)
+            same_key = all(_same(attrs.get(name), value) for name, value in key.items())
+            if not same_key or h5["features"].shape[0] != len(coords):
+                return False
+            return bool(np.array_equal(h5["coords"][()], coords))
+    except (OSError, KeyError):
+        return False
+
+
+def _same(stored: Any, wanted: Any) -> bool:
+    if isinstance(stored, bytes):
+        stored = stored.decode()
+    if isinstance(wanted, float):
+        return stored is not None and abs(float(stored) - wanted) < 1e-9
+    return stored == wanted
+
+
+def temp_path(final: Path) -> Path:
+    """The one temp name per output: a stale one from a killed run is found and removed, never reused."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+@torch.inference_mode()
+def write_features(
+    encoder: Encoder,
+    tiles: SlideTiles,
+    final: Path,
+    attrs: dict[str, Any],
+    loader_options: dict[str, Any],
+    device: torch.device,
+    bf16: bool,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Embed every tile into ``final`` via its temp file; ``final`` appears only when all rows are written."""
+    tmp = temp_path(final)
+    tmp.unlink(missing_ok=True)
+    loader = DataLoader(tiles, shuffle=False, **loader_options)
+    try:
+        with h5py.File(tmp, "w") as h5:
+            features = h5.create_dataset("features", shape=(len(tiles), encoder.embed_dim), dtype=np.float32)
+            h5.create_dataset("coords", data=tiles.coords)
+            row = 0
+            for batch in loader:
+                x = prepare_batch(encoder, batch.to(device, non_blocking=True), str(tiles.slide_path))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = encoder(x)
+                values = out.float().cpu().numpy()
+                if not np.isfinite(values).all():
+                    raise DataError(f"encoder produced NaN/inf features near tile {row}", tiles.slide_path)
+                features[row : row + len(values)] = values
+                row += len(values)
+                if progress is not None:
+                    progress(len(values))
+            for name, value in attrs.items():
+                h5.attrs[name] = value
+        with open(tmp, "rb+") as handle:  # noqa: PTH123 - fsync needs a file descriptor
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class SlideState:
+    """``state/<stem>.json``: attempts, durations, tiles and the last error of one slide, across runs."""
+
+    def __init__(self, path: Path, stem: str) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"slide": stem, "attempts": 0, "status": "new", "history": []}
+        if path.is_file():
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                self.data.update(json.loads(path.read_text()))
+
+    @property
+    def interrupted(self) -> bool:
+        """A previous attempt was still running when it stopped (killed, power loss)."""
+        return self.data.get("status") == "running"
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+        write_json_atomic(self.path, self.data)
+
+    def record(self, status: str, **values: Any) -> None:
+        """Set ``status`` and ``values``, and append a short entry to the history."""
+        brief = {k: values[k] for k in ("attempts", "duration_s", "last_error", "reason") if k in values}
+        history = [*self.data.get("history", []), {"at": _now(), "status": status, **brief}][-_HISTORY_LENGTH:]
+        self.update(status=status, history=history, **values)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class EmbedContext:
+    """What every slide of a run shares: the encoder, its hash, and how batches are loaded."""
+
+    encoder: Encoder
+    encoder_name: str
+    encoder_hash: str
+    out_dir: Path
+    loader_options: dict[str, Any]
+    device: torch.device
+    bf16: bool
+    progress: bool
+
+
+def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
+    """Embed one slide (or find it already done); returns a summary row with ``status`` done or skipped."""
+    final = ctx.out_dir / f"{job.stem}.h5"
+    state = SlideState(ctx.out_dir / "state" / f"{job.stem}.json", job.stem)
+    coords, attrs = read_patches(job.patches)
+    key = output_key(ctx.encoder, ctx.encoder_hash, attrs)
+    stale = temp_path(final)
+    if stale.exists():
+        log.info("%s: removing a partial file from an interrupted run", stale)
+        stale.unlink()
+    if is_reusable(final, key, coords):
+        state.record("skipped", reason="already done with the same encoder weights and coordinates")
+        return {"slide": job.stem, "status": "skipped", "reason": "already done", "output": str(final)}
+    if job.slide is None:
+        raise DataError("no slide file with this name among --slides", job.patches)
+    if len(coords) == 0:
+        raise DataError("patches file has no tiles", job.patches)
+    state.record(
+        "running",
+        attempts=int(state.data.get("attempts", 0)) + 1,
+        started=_now(),
+        tiles=len(coords),
+        slide_path=str(job.slide),
+        patches=str(job.patches),
+    )
+    started = time.perf_counter()
+    slide = open_slide(job.slide)
+    try:
+        plan = plan_from_attrs(attrs, slide, job.patches)
+    finally:
+        slide.close()
+    tiles = SlideTiles(job.slide, coords, plan)
+    out_attrs = {
+        **key,
+        "encoder": ctx.encoder_name,
+        "embed_dim": ctx.encoder.embed_dim,
+        "level": plan.level,
+        "slide": job.stem,
+        "bf16": ctx.bf16,
+    }
+    with _progress_bar(job.stem, len(coords), ctx.progress) as advance:
+        write_features(ctx.encoder, tiles, final, out_attrs, ctx.loader_options, ctx.device, ctx.bf16, advance)
+    seconds = time.perf_counter() - started
+    durations = [*state.data.get("durations", []), round(seconds, 3)][-_HISTORY_LENGTH:]
+    state.record(
+        "done",
+        duration_s=round(seconds, 3),
+        durations=durations,
+        last_error=None,
+        encoder_weights_hash=ctx.encoder_hash,
+        output=str(final),
+    )
+    return {
+        "slide": job.stem,
+        "status": "done",
+        "tiles": len(coords),
+        "seconds": round(seconds, 3),
+        "tiles_per_s": round(len(coords) / max(seconds, 1e-9), 1),
+        "output": str(final),
+    }
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str, total: int, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def loader_options(batch_size: int, num_workers: int, prefetch: int = 4) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available(),
+    }
+    if num_workers > 0:
+        # Workers decode JPEG tiles while the encoder runs; a few batches ahead keep it fed.
+        options["prefetch_factor"] = prefetch
+    return options
+
+
+def embed_slides(
+    patches_dir: str | Path,
+    model: str,
+    out_dir: str | Path,
+    slides: Iterable[str | Path] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    bf16: bool = False,
+    img_size: int | None = None,
+    device: str | None = None,
+    encoder: Encoder | None = None,
+    progress: bool | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> EmbedSummary:
+    """Embed every slide of ``patches_dir`` with ``model`` (registry name or checkpoint folder) into ``out_dir``.
+
+    Writes ``out_dir/<stem>.h5`` (``features``, ``coords``, attrs), ``out_dir/state/<stem>.json`` and
+    ``out_dir/embed_summary.json``. Slides already done with the same weights are skipped; failures are
+    recorded and the run goes on. ``encoder`` (already built) replaces ``model`` for callers holding one.
+    """
+    say = echo or log.info
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan_jobs(Path(patches_dir), slides)
+    started = time.perf_counter()
+    built = encoder if encoder is not None else load_encoder_or_build(model, in_chans=3, img_size=img_size)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    built = built.to(target).eval()
+    ctx = EmbedContext(
+        built,
+        model,
+        weights_hash(built.backbone),
+        out,
+        loader_options(batch_size, num_workers),
+        target,
+        bf16,
+        sys.stderr.isatty() if progress is None else progress,
+    )
+    summary = EmbedSummary()
+    for job in jobs:
+        _run_job(job, ctx, summary, say)
+    report = {
+        "encoder": model,
+        "encoder_weights_hash": ctx.encoder_hash,
+        "finished": _now(),
+        "seconds": round(time.perf_counter() - started, 3),
+        "done": summary.done,
+        "skipped": summary.skipped,
+        "failed": summary.failed,
+    }
+    write_json_atomic(out / "embed_summary.json", report)
+    say(f"embedded {len(summary.done)}, skipped {len(summary.skipped)} (already done), failed {len(summary.failed)}")
+    return summary
+
+
+def _one_line(error: Exception, job: SlideJob) -> str:
+    """A one-line message; errors re-raised from DataLoader workers carry the worker's traceback, dropped here."""
+    text = str(error) if isinstance(error, MedfoundryError) else f"{job.slide or job.patches}: {error}"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if len(lines) > 1:
+        # The worker's last line is "module.DataError: <path>: <message>".
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
+def _run_job(job: SlideJob, ctx: EmbedContext, summary: EmbedSummary, say: Callable[[str], None]) -> None:
+    try:
+        row = embed_slide(job, ctx)
+    except (MedfoundryError, OSError) as error:
+        # OSError covers disk-full and HDF5 write errors: this slide fails, the others still run.
+        message = _one_line(error, job)
+        SlideState(ctx.out_dir / "state" / f"{job.stem}.json", job.stem).record("failed", last_error=message)
+        summary.failed.append({"slide": job.stem, "error": message})
+        say(f"failed {message}")
+        return
+    if row["status"] == "skipped":
+        summary.skipped.append(row)
+        say(f"{job.stem}: already done, skipped")
+    else:
+        summary.done.append(row)
+        say(f"{job.stem}: {row['tiles']} tiles in {row['seconds']:.1f} s ({row['tiles_per_s']} tiles/s)")
