@@ -167,3 +167,32 @@ def test_a_missing_slide_fails_alone(patches: Path, slide: Path, tmp_path: Path)
          "--num-workers", "0"],
     )  # fmt: skip
     assert result.exit_code == 1 and "lost-slide" in result.output
+
+
+def test_trident_style_patches_without_level_read_level_0(
+    embedded: Path, patches: Path, slide: Path, tmp_path: Path
+) -> None:
+    coords, attrs = read_patches(patches / f"{STEM}.h5")
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    with h5py.File(folder / f"{STEM}.h5", "w") as h5:  # only TRIDENT's own attributes
+        dataset = h5.create_dataset("coords", data=coords)
+        for key in ("patch_size", "patch_size_level0", "target_magnification", "level0_magnification", "overlap"):
+            dataset.attrs[key] = attrs[key]
+    out = tmp_path / "features"
+    assert embed_slides(folder, MODEL, out, slides=[slide], num_workers=0, progress=False).done
+    with h5py.File(out / f"{STEM}.h5", "r") as ours, h5py.File(embedded / f"{STEM}.h5", "r") as reference:
+        assert np.abs(ours["features"][()] - reference["features"][()]).max() < 1e-5
+
+
+def test_worker_errors_become_one_line(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from medfoundry.wsi.embedding import SlideJob, SlideTiles, _one_line
+    from medfoundry.wsi.tiling import ReadPlan
+
+    gone = tmp_path / "gone.svs"
+    tiles = SlideTiles(gone, np.zeros((2, 2), np.int64), ReadPlan(0, 1.0, 64, 64, 64, 0.5, 0.5))
+    with pytest.raises(Exception) as error:  # noqa: PT011 - DataLoader re-raises the worker's DataError
+        list(DataLoader(tiles, batch_size=2, num_workers=1))
+    assert _one_line(error.value, SlideJob("gone", tmp_path / "gone.h5", gone)) == f"{gone}: slide not found"

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from medfoundry.cli_wsi import wsi_app
 from medfoundry.errors import MedfoundryError
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Get and inspect datasets.")
 models_app = typer.Typer(no_args_is_help=True, help="Backbones and checkpoints.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+app.add_typer(wsi_app, name="wsi", help="Whole-slide images: tile and embed (pathology).")
 console = Console(stderr=True)
 _state = {"debug": False}
 
@@ -237,6 +239,31 @@ def compare(
     )
     if diff.n_skipped:
         out.print(f"{diff.n_skipped} of {n_bootstrap} resamples were undefined and skipped", highlight=False)
+
+
+@app.command("mil")
+def mil_cv(
+    features: Annotated[Path, typer.Argument(help="folder of per-slide feature HDF5 files (medfoundry wsi embed)")],
+    labels: Annotated[Path, typer.Argument(help="CSV with columns slide_id, patient_id, label")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for results.json and report.html")],
+    models: Annotated[str, typer.Option(help="comma-separated: mean, abmil, gated_abmil, transmil")] = "abmil",
+    folds: Annotated[int, typer.Option(help="cross-validation folds, split by patient")] = 5,
+    task: Annotated[str, typer.Option(help="task name in results and report")] = "slides",
+    seed: Annotated[int, typer.Option(help="fold and training seed")] = 0,
+) -> None:
+    """Slide-level MIL on cached tile features, cross-validated by patient, into results.json and report.html."""
+    from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
+    from medfoundry.mil.data import load_bags
+    from medfoundry.mil.train import run_mil_cv
+
+    bags = load_bags(features, labels)
+    names = [name.strip() for name in models.split(",") if name.strip()]
+    results = run_mil_cv(
+        bags, names, task=task, features_name=features.name, n_folds=folds, seed=seed, out_path=out / "results.json"
+    )
+    report = render_report(results, out / "report.html", title=f"medfoundry MIL: {task}")
+    console.print(format_summary_text(summarise_table(results)), highlight=False, soft_wrap=True)
+    console.print(f"[bold green]Report:[/] {report.resolve()}")
 
 
 @data_app.command("fetch")

@@ -54,7 +54,8 @@ def score_map(
     width, height = thumb_size
     total = np.zeros((height, width))
     count = np.zeros((height, width))
-    for (x0, y0, x1, y1), score in zip(_tile_boxes(coords, patch_size_level0, level0_size, thumb_size), scores):
+    boxes = _tile_boxes(coords, patch_size_level0, level0_size, thumb_size)
+    for (x0, y0, x1, y1), score in zip(boxes, scores, strict=True):
         total[y0:y1, x0:x1] += score
         count[y0:y1, x0:x1] += 1
     covered = count > 0
@@ -88,7 +89,9 @@ def attention_heatmap(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = np.asarray(thumbnail.convert("RGB"), dtype=np.float64) / 255.0
-    values, covered = score_map(coords, normalise_scores(scores, normalise), patch_size_level0, level0_size, thumbnail.size)
+    values, covered = score_map(
+        coords, normalise_scores(scores, normalise), patch_size_level0, level0_size, thumbnail.size
+    )
     colours = colormaps[cmap](values)[..., :3]
     blended = np.where(covered[..., None], (1 - alpha) * base + alpha * colours, base)
     return Image.fromarray(np.round(blended * 255).astype(np.uint8), mode="RGB")

@@ -41,10 +41,14 @@ class MILTrainConfig:
 
     hidden: int = 64
     dropout: float = 0.1
-    lr: float = 2e-4
+    lr: float = 5e-4
     weight_decay: float = 1e-4
-    max_epochs: int = 50
-    patience: int = 8  # epochs without a lower validation loss before stopping
+    max_epochs: int = 100
+    patience: int = 10  # epochs without a lower validation loss before stopping
+    # Attention MIL often sits at chance-level loss for several epochs before it singles out the informative
+    # tiles (measured in tests/test_mil.py's large-bag setting: 7-13 epochs at lr 5e-4, one bag per step), and
+    # stopping on that plateau keeps a useless model, so early stopping only acts from this epoch on.
+    min_epochs: int = 20
     batch_size: int = 1  # bags per optimiser step; more than one pads bags to the longest
     val_fraction: float = 0.2  # of the training patients, held out for early stopping
     max_instances: int | None = None  # random subset of tiles per bag per training step (memory cap)
@@ -227,7 +231,7 @@ def _fit(
         log.val_losses.append(val_loss)
         if val_loss < best_loss:
             best_loss, log.best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - log.best_epoch >= config.patience:
+        elif epoch - log.best_epoch >= config.patience and epoch >= config.min_epochs:
             break
     if best_state is not None:
         model.load_state_dict(best_state)

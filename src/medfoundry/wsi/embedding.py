@@ -266,6 +266,8 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
     coords, attrs = read_patches(job.patches)
     key = output_key(ctx.encoder, ctx.encoder_hash, attrs)
     stale = temp_path(final)
+    if state.interrupted:
+        log.info("%s: the previous attempt was interrupted; starting this slide over", job.stem)
     if stale.exists():
         log.info("%s: removing a partial file from an interrupted run", stale)
         stale.unlink()
