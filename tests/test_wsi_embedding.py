@@ -196,3 +196,38 @@ def test_worker_errors_become_one_line(tmp_path: Path) -> None:
     with pytest.raises(Exception) as error:  # noqa: PT011 - DataLoader re-raises the worker's DataError
         list(DataLoader(tiles, batch_size=2, num_workers=1))
     assert _one_line(error.value, SlideJob("gone", tmp_path / "gone.h5", gone)) == f"{gone}: slide not found"
+
+
+def test_stain_normalised_embedding(embedded: Path, patches: Path, slide: Path, tmp_path: Path, shared_data) -> None:
+    """`wsi stain-fit` on a real H&E tile, then `wsi embed --stain-reference`: the features are those of the
+    normalised tiles, and the earlier un-normalised file is recomputed rather than reused."""
+    from medfoundry.transforms.stain import MacenkoNormalizer
+
+    reference_tile = next((shared_data / "nct_crc_he_100k_samples").rglob("NORM*.tif"))
+    reference = tmp_path / "stain.json"
+    runner = CliRunner()
+    fitted = runner.invoke(wsi_app, ["stain-fit", str(reference_tile), "--out", str(reference)])
+    assert fitted.exit_code == 0, fitted.output
+    out = _copy(embedded, tmp_path)
+    args = ["embed", "--patches", str(patches), "--model", MODEL, "--out", str(out), "--slides", str(slide)]
+    result = runner.invoke(wsi_app, [*args, "--num-workers", "0", "--stain-reference", str(reference)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "embed_summary.json").read_text())
+    assert [row["slide"] for row in summary["done"]] == [STEM], "a differently normalised file must not be reused"
+
+    normalizer = MacenkoNormalizer.load(reference)
+    coords, attrs = read_patches(patches / f"{STEM}.h5")
+    encoder = load_encoder_or_build(MODEL, in_chans=3, img_size=None).eval()
+    handle = open_slide(slide)
+    try:
+        plan = plan_from_attrs(attrs, handle, patches)
+        tiles = [normalizer.transform(np.asarray(read_tile(handle, corner, plan))) for corner in coords]
+    finally:
+        handle.close()
+    with torch.inference_mode():
+        expected = encoder(prepare_batch(encoder, torch.from_numpy(np.stack(tiles).transpose(0, 3, 1, 2)))).numpy()
+    with h5py.File(out / f"{STEM}.h5", "r") as h5:
+        assert h5.attrs["stain_normalisation"].startswith("macenko:")
+        assert np.abs(h5["features"][()] - expected).max() < 1e-4
+        with h5py.File(embedded / f"{STEM}.h5", "r") as plain:
+            assert np.abs(h5["features"][()] - plain["features"][()]).max() > 1e-3

@@ -56,6 +56,9 @@ def embed_cmd(
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the encoder")] = False,
     img_size: Annotated[int | None, typer.Option("--img-size", help="input size for a preset or timm name")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when present)")] = None,
+    stain_reference: Annotated[
+        Path | None, typer.Option("--stain-reference", help="Macenko reference JSON (`wsi stain-fit`)")
+    ] = None,
 ) -> None:
     """Stream tiles through an encoder into per-slide features; slides already done are skipped."""
     from medfoundry.wsi.embedding import embed_slides
@@ -72,9 +75,31 @@ def embed_cmd(
         device=device,
         progress=sys.stderr.isatty(),
         echo=_echo,
+        stain_reference=stain_reference,
     )
     for row in summary.failed:
         _echo(f"  failed {row['slide']}: {row['error']}")
     _echo(f"summary: {out / 'embed_summary.json'}")
     if not summary.ok:
         raise typer.Exit(1)
+
+
+@wsi_app.command("stain-fit")
+def stain_fit_cmd(
+    reference: Annotated[Path, typer.Argument(help="a reference H&E tile (PNG, JPEG, TIFF)")],
+    out: Annotated[Path, typer.Option("--out", help="JSON with the reference stain matrix")],
+) -> None:
+    """Fit Macenko stain normalisation on a reference tile, for `wsi embed --stain-reference`."""
+    import numpy as np
+    from PIL import Image
+
+    from medfoundry.errors import DataError
+    from medfoundry.transforms.stain import MacenkoNormalizer
+
+    try:
+        with Image.open(reference) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except OSError as error:
+        raise DataError(f"cannot read the reference tile ({error})", reference) from None
+    MacenkoNormalizer().fit(pixels).save(out)
+    _echo(f"{out}: Macenko reference from {reference.name}")

@@ -30,6 +30,7 @@ from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.io_utils import hash_json, write_json_atomic
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import load_encoder_or_build, weights_hash
+from medfoundry.transforms.stain import MacenkoNormalizer
 from medfoundry.wsi.tiling import SLIDE_FILE_SUFFIXES, ReadPlan, open_slide, read_patches, read_tile
 
 log = logging.getLogger("medfoundry.wsi")
@@ -40,10 +41,13 @@ _HISTORY_LENGTH = 20
 class SlideTiles(Dataset):
     """The tiles of one slide as (3, P, P) uint8 tensors, read from the slide when asked for."""
 
-    def __init__(self, slide_path: Path, coords: np.ndarray, plan: ReadPlan) -> None:
+    def __init__(
+        self, slide_path: Path, coords: np.ndarray, plan: ReadPlan, stain: MacenkoNormalizer | None = None
+    ) -> None:
         self.slide_path = Path(slide_path)
         self.coords = np.asarray(coords, dtype=np.int64)
         self.plan = plan
+        self.stain = stain
         self._slide = None
 
     def __len__(self) -> int:
@@ -61,7 +65,11 @@ class SlideTiles(Dataset):
             tile = read_tile(self._slide, corner, self.plan)
         except Exception as error:  # noqa: BLE001 - OpenSlide raises several types for damaged tiles
             raise DataError(f"cannot read the tile at ({corner[0]}, {corner[1]}): {error}", self.slide_path) from None
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(tile).transpose(2, 0, 1)))
+        pixels = np.asarray(tile)
+        if self.stain is not None:
+            # In the loader workers, so normalising overlaps with the encoder's forward pass.
+            pixels = self.stain.transform(pixels)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def plan_from_attrs(attrs: dict[str, Any], slide, source: Path) -> ReadPlan:  # noqa: ANN001
@@ -137,13 +145,17 @@ def _slide_path_attr(patches: Path) -> Path | None:
     return None
 
 
-def output_key(encoder: Encoder, encoder_hash: str, attrs: dict[str, Any]) -> dict[str, Any]:
+def output_key(
+    encoder: Encoder, encoder_hash: str, attrs: dict[str, Any], stain: MacenkoNormalizer | None = None
+) -> dict[str, Any]:
     """What a finished features file must match to be reused (coords are compared separately)."""
     return {
         "encoder_weights_hash": encoder_hash,
         "preprocessing_hash": hash_json(preprocessing_spec(encoder)),
         "patch_size": int(attrs["patch_size"]),
         "mpp": float(attrs.get("mpp", 0.0) or 0.0),
+        # Features of stain-normalised tiles are different features: a change of reference recomputes them.
+        "stain_normalisation": "none" if stain is None else "macenko:" + hash_json(stain.to_dict()),
     }
 
 
@@ -257,6 +269,7 @@ class EmbedContext:
     device: torch.device
     bf16: bool
     progress: bool
+    stain: MacenkoNormalizer | None = None
 
 
 def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
@@ -264,7 +277,7 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
     final = ctx.out_dir / f"{job.stem}.h5"
     state = SlideState(ctx.out_dir / "state" / f"{job.stem}.json", job.stem)
     coords, attrs = read_patches(job.patches)
-    key = output_key(ctx.encoder, ctx.encoder_hash, attrs)
+    key = output_key(ctx.encoder, ctx.encoder_hash, attrs, ctx.stain)
     stale = temp_path(final)
     if state.interrupted:
         log.info("%s: the previous attempt was interrupted; starting this slide over", job.stem)
@@ -292,7 +305,7 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
         plan = plan_from_attrs(attrs, slide, job.patches)
     finally:
         slide.close()
-    tiles = SlideTiles(job.slide, coords, plan)
+    tiles = SlideTiles(job.slide, coords, plan, ctx.stain)
     out_attrs = {
         **key,
         "encoder": ctx.encoder_name,
@@ -360,12 +373,15 @@ def embed_slides(
     encoder: Encoder | None = None,
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
+    stain_reference: str | Path | None = None,
 ) -> EmbedSummary:
     """Embed every slide of ``patches_dir`` with ``model`` (registry name or checkpoint folder) into ``out_dir``.
 
     Writes ``out_dir/<stem>.h5`` (``features``, ``coords``, attrs), ``out_dir/state/<stem>.json`` and
     ``out_dir/embed_summary.json``. Slides already done with the same weights are skipped; failures are
     recorded and the run goes on. ``encoder`` (already built) replaces ``model`` for callers holding one.
+    ``stain_reference`` (a JSON written by ``MacenkoNormalizer.save``) Macenko-normalises every tile before the
+    encoder; tiles without enough tissue to estimate their stains pass through unchanged.
     """
     say = echo or log.info
     out = Path(out_dir)
@@ -384,6 +400,7 @@ def embed_slides(
         target,
         bf16,
         sys.stderr.isatty() if progress is None else progress,
+        None if stain_reference is None else MacenkoNormalizer.load(stain_reference, on_failure="passthrough"),
     )
     summary = EmbedSummary()
     for job in jobs:
