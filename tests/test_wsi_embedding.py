@@ -231,3 +231,43 @@ def test_stain_normalised_embedding(embedded: Path, patches: Path, slide: Path, 
         assert np.abs(h5["features"][()] - expected).max() < 1e-4
         with h5py.File(embedded / f"{STEM}.h5", "r") as plain:
             assert np.abs(h5["features"][()] - plain["features"][()]).max() > 1e-3
+
+
+def test_mil_heatmaps_from_wsi_embed_output(embedded: Path, tmp_path: Path) -> None:
+    """Features written by `wsi embed` carry what MIL heatmaps need: out-of-fold attention over the real slide."""
+    import csv
+
+    from PIL import Image
+
+    from medfoundry.mil.data import load_bags
+    from medfoundry.mil.train import MILTrainConfig, run_mil_cv
+
+    features = tmp_path / "features"
+    features.mkdir()
+    rows = []
+    for i in range(6):  # one real slide standing in for six: the pipeline, not the learning, is under test
+        shutil.copy(embedded / f"{STEM}.h5", features / f"slide{i}.h5")
+        rows.append((f"slide{i}", f"patient{i // 2}", str(i % 2)))
+    with (tmp_path / "labels.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([("slide_id", "patient_id", "label"), *rows])
+    bags = load_bags(features, tmp_path / "labels.csv")
+    fast = MILTrainConfig(max_epochs=3, min_epochs=1, patience=1)
+    results = run_mil_cv(
+        bags,
+        ["abmil", "mean"],
+        task="t",
+        features_name="f",
+        n_folds=3,
+        config=fast,
+        n_bootstrap=0,
+        heatmaps_dir=tmp_path / "heatmaps",
+    )
+    assert {r.adapter for r in results.records} == {"mil-abmil", "mil-mean"}
+    pictures = sorted((tmp_path / "heatmaps" / "abmil").glob("*.png"))
+    assert [p.stem for p in pictures] == [f"slide{i}" for i in range(6)]
+    assert not (tmp_path / "heatmaps" / "mean").exists()  # mean pooling has no attention to draw
+    with open_slide(Path(bags.bags[0].attrs["slide_path"])) as slide:
+        width, height = slide.dimensions
+    with Image.open(pictures[0]) as picture:
+        assert max(picture.size) <= 2048 and abs(picture.size[0] / picture.size[1] - width / height) < 0.02
+        assert len(set(picture.convert("RGB").getdata())) > 100

@@ -250,6 +250,7 @@ def mil_cv(
     folds: Annotated[int, typer.Option(help="cross-validation folds, split by patient")] = 5,
     task: Annotated[str, typer.Option(help="task name in results and report")] = "slides",
     seed: Annotated[int, typer.Option(help="fold and training seed")] = 0,
+    heatmaps: Annotated[bool, typer.Option(help="out-of-fold attention over each slide's thumbnail (PNG)")] = True,
 ) -> None:
     """Slide-level MIL on cached tile features, cross-validated by patient, into results.json and report.html."""
     from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
@@ -259,7 +260,14 @@ def mil_cv(
     bags = load_bags(features, labels)
     names = [name.strip() for name in models.split(",") if name.strip()]
     results = run_mil_cv(
-        bags, names, task=task, features_name=features.name, n_folds=folds, seed=seed, out_path=out / "results.json"
+        bags,
+        names,
+        task=task,
+        features_name=features.name,
+        n_folds=folds,
+        seed=seed,
+        out_path=out / "results.json",
+        heatmaps_dir=out / "heatmaps" if heatmaps else None,
     )
     report = render_report(results, out / "report.html", title=f"medfoundry MIL: {task}")
     console.print(format_summary_text(summarise_table(results)), highlight=False, soft_wrap=True)

@@ -8,14 +8,20 @@ thumbnail's own colour.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from medfoundry.errors import DataError
 from medfoundry.io_utils import atomic_path
+
+log = logging.getLogger("medfoundry.mil")
+# Long side of the thumbnail heatmaps are drawn on: enough to see tissue structure, small enough to share.
+_THUMBNAIL_SIDE = 2048
 
 
 def normalise_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
@@ -103,3 +109,32 @@ def save_heatmap(image: Image.Image, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path
+
+
+def write_attention_heatmaps(bags: Sequence[Any], attention: Sequence[np.ndarray | None], out_dir: Path) -> list[Path]:
+    """One PNG per bag whose slide can be opened: attention over the slide's thumbnail.
+
+    The slide comes from the features file's ``slide_path`` attribute (written by ``wsi embed``), the tile size
+    from ``patch_size_level0``. A bag without attention, without those attributes or whose slide is gone is
+    skipped with a warning naming it; the others are drawn.
+    """
+    from medfoundry.wsi.tiling import open_slide
+
+    written = []
+    for bag, scores in zip(bags, attention, strict=True):
+        slide_path, size0 = bag.attrs.get("slide_path"), bag.attrs.get("patch_size_level0")
+        if scores is None or slide_path is None or size0 is None:
+            log.warning("%s: no heatmap (needs attention scores, slide_path and patch_size_level0)", bag.slide_id)
+            continue
+        try:
+            slide = open_slide(Path(slide_path))
+        except DataError as error:
+            log.warning("%s: no heatmap (%s)", bag.slide_id, error)
+            continue
+        try:
+            thumbnail = slide.get_thumbnail((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE)).convert("RGB")
+            picture = attention_heatmap(thumbnail, bag.coords, int(size0), slide.dimensions, scores)
+        finally:
+            slide.close()
+        written.append(save_heatmap(picture, Path(out_dir) / f"{bag.slide_id}.png"))
+    return written

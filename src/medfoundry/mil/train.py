@@ -30,6 +30,7 @@ from medfoundry.errors import DataError
 from medfoundry.evaluate.metrics import DEFAULT_METRICS, MetricValue, compute_metrics
 from medfoundry.evaluate.results import ResultRecord, ResultsFile, records_from_metrics, run_metadata, write_results
 from medfoundry.mil.data import BagSet
+from medfoundry.mil.heatmap import write_attention_heatmaps
 from medfoundry.mil.models import count_trainable, create_mil_model
 
 BagLike = np.ndarray | torch.Tensor
@@ -89,6 +90,8 @@ class MILCrossValidation:
     fold_metrics: list[dict[str, MetricValue]]
     records: list[ResultRecord]
     fits: list[MILFit]
+    # Each bag's attention from the fold model that did not train on it (None for mean pooling).
+    attention: list[np.ndarray | None] = field(default_factory=list)
 
 
 def _to_tensors(bags: Sequence[BagLike]) -> list[torch.Tensor]:
@@ -281,6 +284,7 @@ def cross_validate_mil(
     n_classes = n_classes or max(int(y.max()) + 1, 2)
     fold = patient_folds(y, pids, n_folds, seed)
     proba = np.full((len(y), n_classes), np.nan)
+    attention: list[np.ndarray | None] = [None] * len(y)
     fold_metrics, records, fits = [], [], []
     for k in range(n_folds):
         train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
@@ -293,7 +297,10 @@ def cross_validate_mil(
             config=config,
             seed=seed + k,
         )
-        proba[test] = predict_mil(fit.model, [bags[i] for i in test]).proba
+        prediction = predict_mil(fit.model, [bags[i] for i in test])
+        proba[test] = prediction.proba
+        for i, scores_i in zip(test, prediction.attention, strict=True):
+            attention[i] = scores_i
         scores = compute_metrics(y[test], proba[test], [pids[i] for i in test], metrics, n_bootstrap, seed=seed)
         fold_metrics.append(scores)
         fits.append(fit)
@@ -309,7 +316,7 @@ def cross_validate_mil(
             trainable_params=count_trainable(fit.model),
             fit_seconds=fit.log.fit_seconds,
         )
-    return MILCrossValidation(model_name, proba, fold, fold_metrics, records, fits)
+    return MILCrossValidation(model_name, proba, fold, fold_metrics, records, fits, attention)
 
 
 def run_mil_cv(
@@ -324,11 +331,14 @@ def run_mil_cv(
     metrics: Sequence[str] = DEFAULT_METRICS,
     n_bootstrap: int = 1000,
     out_path: str | Path | None = None,
+    heatmaps_dir: str | Path | None = None,
 ) -> ResultsFile:
     """Cross-validate each MIL model on the same patient folds and collect one ``ResultsFile``.
 
     Pooled out-of-fold metrics (all folds' predictions scored together, CIs over patients) go into
-    ``metadata["mil_pooled_oof"]``; the file is written atomically to ``out_path`` when given.
+    ``metadata["mil_pooled_oof"]``; the file is written atomically to ``out_path`` when given. With
+    ``heatmaps_dir``, each attention model's out-of-fold attention is drawn over every slide it can find
+    (``heatmaps_dir/<model>/<slide>.png``; see ``heatmap.write_attention_heatmaps``).
     """
     config = config or MILTrainConfig()
     records: list[ResultRecord] = []
@@ -352,6 +362,8 @@ def run_mil_cv(
         )
         durations[f"mil-{name}"] = time.perf_counter() - started
         records += cv.records
+        if heatmaps_dir is not None and any(a is not None for a in cv.attention):
+            write_attention_heatmaps(bag_set.bags, cv.attention, Path(heatmaps_dir) / name)
         oof = compute_metrics(bag_set.labels, cv.proba, bag_set.patient_ids, metrics, n_bootstrap, seed=seed)
         pooled[name] = {m: {"value": v.value, "ci_low": v.ci_low, "ci_high": v.ci_high} for m, v in oof.items()}
     metadata = run_metadata(

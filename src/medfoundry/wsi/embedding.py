@@ -313,6 +313,9 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
         "level": plan.level,
         "slide": job.stem,
         "bf16": ctx.bf16,
+        # What a heatmap needs to draw the tiles back on the slide (medfoundry.mil.heatmap).
+        "patch_size_level0": plan.patch_size_level0,
+        "slide_path": str(Path(job.slide).resolve()),
     }
     with _progress_bar(job.stem, len(coords), ctx.progress) as advance:
         write_features(ctx.encoder, tiles, final, out_attrs, ctx.loader_options, ctx.device, ctx.bf16, advance)
