@@ -81,7 +81,7 @@ def build_encoder(config: ExperimentConfig) -> Encoder:
     )
 
 
-def _unlabeled(images: ImageSet) -> ImageSet:
+def unlabeled(images: ImageSet) -> ImageSet:
     # Pre-training sees images only: labels are dropped so no label can leak into the SSL stage.
     unlabeled = images.subset(np.arange(len(images)), name=f"{images.name}-unlabeled")
     unlabeled.labels = None
@@ -102,14 +102,14 @@ def pretrain_images(config: ExperimentConfig, splits: Splits | None = None) -> t
             found = load_dataset(entry.source, **entry.options)
             if entry.split not in found:
                 raise DataError(f"no split '{entry.split}' (found {sorted(found)})", entry.source)
-            sources.append(MixtureSource(_unlabeled(found[entry.split]), entry.weight, f"{entry.source}:{entry.split}"))
+            sources.append(MixtureSource(unlabeled(found[entry.split]), entry.weight, f"{entry.source}:{entry.split}"))
         mixture = MixedImageSet(sources, channels=config.model.in_chans, name="pretrain-mixture")
         return mixture, f"mixture of {mixture.describe()}; labels unused"
     splits = splits if splits is not None else load_dataset(data.source)
     if data.pretrain_split not in splits:
         raise DataError(f"no split '{data.pretrain_split}' to pre-train on (found {sorted(splits)})", data.source)
     images = splits[data.pretrain_split]
-    return _unlabeled(images), f"{data.source} split '{data.pretrain_split}' ({len(images)} images, labels unused)"
+    return unlabeled(images), f"{data.source} split '{data.pretrain_split}' ({len(images)} images, labels unused)"
 
 
 def run_pretraining(

@@ -47,7 +47,7 @@ from medfoundry.evaluate.metrics import METRICS
 from medfoundry.evaluate.predictions import read_predictions
 from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
 from medfoundry.evaluate.results import ResultRecord, ResultsFile, run_metadata, write_results
-from medfoundry.experiment import build_encoder, run_pretraining
+from medfoundry.experiment import build_encoder, run_pretraining, unlabeled
 from medfoundry.io_utils import ensure_writable_dir, hash_json
 from medfoundry.models.backbones import Encoder, create_encoder
 from medfoundry.models.checkpoint import load_encoder, weights_hash
@@ -144,13 +144,6 @@ def load_task(task: SuiteTaskConfig) -> TaskData:
     return TaskData(task, train, val, test, kind, n_classes, metrics, carved)
 
 
-def _unlabeled(images: ImageSet) -> ImageSet:
-    # Pre-training sees images only: labels are dropped so no label can leak into the SSL stage.
-    unlabeled = images.subset(np.arange(len(images)), name=f"{images.name}-unlabeled")
-    unlabeled.labels = None
-    return unlabeled
-
-
 def prepare_encoder(
     config: SuiteConfig, spec: SuiteEncoderConfig, tasks: dict[str, TaskData], show_progress: bool, echo: Echo
 ) -> Encoder:
@@ -171,7 +164,7 @@ def prepare_encoder(
     recipe.output_dir = config.output_dir / "encoders" / spec.name
     splits = None
     if spec.pretrain_task is not None:
-        splits = {"train": _unlabeled(tasks[spec.pretrain_task].train)}
+        splits = {"train": unlabeled(tasks[spec.pretrain_task].train)}
         recipe.data.pretrain_split = "train"
         recipe.data.pretrain_sources = []
         echo(f"  pre-training {spec.name} ({recipe.pretrain.method}) on {spec.pretrain_task}'s train split")
