@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from medfoundry.errors import ModelError
+from medfoundry.models.resnet3d import RESNET3D_ARCHITECTURE, ResNet3D
+from medfoundry.models.slices import AGGREGATES, SLICES_ARCHITECTURE, SliceEncoder, slice_encoder_kwargs
 from medfoundry.models.vit3d import VIT3D_ARCHITECTURE, ViT3D
 
 
@@ -30,7 +32,15 @@ class BackbonePreset:
 
 BACKBONE_PRESETS: dict[str, BackbonePreset] = {}
 # Architectures medfoundry builds itself because timm has none (keyword arguments as in config.json).
-NON_TIMM_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {VIT3D_ARCHITECTURE: ViT3D}
+NON_TIMM_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    VIT3D_ARCHITECTURE: ViT3D,
+    RESNET3D_ARCHITECTURE: ResNet3D,
+    SLICES_ARCHITECTURE: SliceEncoder,
+}
+# Of those, the ones with a fixed input size (``img_size`` keyword); the 3D ResNet is fully convolutional.
+_SIZED_ARCHITECTURES = (VIT3D_ARCHITECTURE, SLICES_ARCHITECTURE)
+# "2.5d:NAME" (mean over slices) and "2.5d-attention:NAME" wrap a 2D preset or timm name (docs/volumes.md).
+SLICES_PREFIXES = {"2.5d": "mean", "2.5d-attention": "attention"}
 
 
 def register_preset(name: str, timm_name: str, description: str = "", **kwargs: Any) -> None:
@@ -87,6 +97,27 @@ register_preset(
     depth=6,
     num_heads=3,
 )
+register_preset(
+    "resnet3d_10",
+    RESNET3D_ARCHITECTURE,
+    "3D ResNet-10 (MONAI, MedicalNet layout), any volume size (14M parameters)",
+    depth=10,
+)
+register_preset(
+    "resnet3d_18", RESNET3D_ARCHITECTURE, "3D ResNet-18 (MONAI), any volume size (33M parameters)", depth=18
+)
+register_preset(
+    "resnet3d_50", RESNET3D_ARCHITECTURE, "3D ResNet-50 (MONAI), any volume size (46M parameters)", depth=50
+)
+# A quarter of the width and no max-pool: trainable on a laptop CPU at 28^3 to 64^3 (0.9M parameters).
+register_preset(
+    "resnet3d_tiny",
+    RESNET3D_ARCHITECTURE,
+    "3D ResNet-10 at 1/4 width, no max-pool, for small volumes on a CPU (0.9M parameters)",
+    depth=10,
+    widen_factor=0.25,
+    no_max_pool=True,
+)
 register_preset("vit_small_224", "vit_small_patch16_224", "ViT-S/16 at 224 px (22M parameters)")
 register_preset("resnet18", "resnet18", "ResNet-18 (11M parameters)")
 register_preset("resnet50", "resnet50", "ResNet-50 (24M parameters)")
@@ -94,6 +125,15 @@ register_preset("resnet50", "resnet50", "ResNet-50 (24M parameters)")
 
 def resolve_backbone(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
     """Return the timm architecture name and keyword arguments for a preset or timm model name."""
+    prefix, _, inner = name.partition(":")
+    if inner and prefix in SLICES_PREFIXES:
+        slice_model, slice_kwargs = resolve_backbone(inner)
+        if slice_model in NON_TIMM_ARCHITECTURES:
+            raise ModelError(f"'{name}': a 2.5D encoder wraps a 2D model, and '{inner}' is not one")
+        aggregate = overrides.pop("aggregate", SLICES_PREFIXES[prefix])
+        context = overrides.pop("context", 1)
+        kwargs = slice_encoder_kwargs(slice_model, {**slice_kwargs, **overrides}, 1, aggregate, context)
+        return SLICES_ARCHITECTURE, kwargs
     if name in BACKBONE_PRESETS:
         preset = BACKBONE_PRESETS[name]
         return preset.timm_name, {**preset.kwargs, **overrides}
@@ -123,6 +163,8 @@ def is_vit(model: nn.Module) -> bool:
 def create_timm_backbone(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
     """Build a headless timm model (``num_classes=0``) with random weights; never touches a hub."""
     kwargs = dict(kwargs)
+    if timm_name.startswith("medfoundry.") and timm_name not in NON_TIMM_ARCHITECTURES:
+        import medfoundry.models.public  # noqa: F401  (registers the public models' own architectures: CT-FM)
     if timm_name in NON_TIMM_ARCHITECTURES:
         try:
             return NON_TIMM_ARCHITECTURES[timm_name](**kwargs)
@@ -144,7 +186,8 @@ class Encoder(nn.Module):
     """A timm backbone plus what is needed to use it: input normalisation and the pooled feature.
 
     ``pool`` chooses the image feature: ``default`` is timm's own pooling (CLS token for ViTs, global
-    average for CNNs); ``token+avg`` concatenates the CLS token and the mean of patch tokens (ViT only).
+    average for CNNs); ``token+avg`` concatenates the CLS token and the mean of patch tokens (ViT only);
+    ``avg`` is the mean of patch tokens alone, after the final norm (ViT only; RETFound-MAE's feature).
     """
 
     def __init__(
@@ -157,10 +200,10 @@ class Encoder(nn.Module):
         pool: str = "default",
     ) -> None:
         super().__init__()
-        if pool not in ("default", "token+avg"):
-            raise ModelError(f"unknown pool '{pool}': use 'default' or 'token+avg'")
-        if pool == "token+avg" and not is_vit(backbone):
-            raise ModelError("pool 'token+avg' needs a ViT backbone")
+        if pool not in ("default", "token+avg", "avg"):
+            raise ModelError(f"unknown pool '{pool}': use 'default', 'token+avg' or 'avg'")
+        if pool in ("token+avg", "avg") and not is_vit(backbone):
+            raise ModelError(f"pool '{pool}' needs a ViT backbone")
         self.backbone = backbone
         self.timm_name = timm_name
         self.timm_kwargs = dict(timm_kwargs)
@@ -197,11 +240,18 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of already-normalised input."""
-        if self.pool == "default":
-            return self.backbone(x)
-        tokens = self.backbone.forward_features(x)
-        prefix = getattr(self.backbone, "num_prefix_tokens", 1)
-        return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=1)
+        return pool_features(self.backbone, x, self.pool)
+
+
+def pool_features(backbone: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
+    """``backbone``'s feature of ``x`` under ``pool`` (see :class:`Encoder`)."""
+    if pool == "default":
+        return backbone(x)
+    tokens = backbone.forward_features(x)
+    prefix = getattr(backbone, "num_prefix_tokens", 1)
+    if pool == "avg":
+        return tokens[:, prefix:].mean(dim=1)
+    return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=1)
 
 
 def create_encoder(
@@ -226,6 +276,9 @@ def create_encoder(
     if seed is not None:
         torch.manual_seed(seed)
     backbone = create_timm_backbone(timm_name, kwargs)
+    if timm_name == SLICES_ARCHITECTURE:
+        # The slice encoder normalises its stacked slices itself; the volume passes through as 0..1.
+        mean, std = mean or (0.0,) * in_chans, std or (1.0,) * in_chans
     mean = mean or (0.5,) * in_chans
     std = std or (0.5,) * in_chans
     if len(mean) != in_chans or len(std) != in_chans:
@@ -235,9 +288,34 @@ def create_encoder(
 
 def _accepted_kwargs(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     # CNNs in timm reject img_size; ViTs need it. Decide by family rather than by trial construction.
-    if timm_name.startswith(("vit_", "deit", "eva", "beit", "swin")) or timm_name in NON_TIMM_ARCHITECTURES:
+    if timm_name.startswith(("vit_", "deit", "eva", "beit", "swin")) or timm_name in _SIZED_ARCHITECTURES:
         return {**kwargs, "img_size": None}
     return kwargs
+
+
+def slice_encoder_from(encoder: Encoder, aggregate: str = "mean") -> Encoder:
+    """A 2.5D encoder over 1-channel volumes whose slice network is ``encoder`` (a 2D checkpoint or FM), weights
+    copied. An RGB encoder sees each slice with its two neighbours as its three channels, with its own
+    normalisation; a 1-channel encoder sees single slices."""
+    if encoder.is_3d:
+        raise ModelError(f"a 2.5D encoder wraps a 2D encoder; '{encoder.timm_name}' is already 3D")
+    if aggregate not in AGGREGATES:
+        raise ModelError(f"2.5D aggregate must be one of {AGGREGATES}, got '{aggregate}'")
+    if encoder.in_chans % 2 == 0:
+        raise ModelError(f"a 2.5D encoder stacks 2k+1 slices as channels; this encoder takes {encoder.in_chans}")
+    kwargs = slice_encoder_kwargs(
+        encoder.timm_name,
+        encoder.timm_kwargs,
+        1,
+        aggregate,
+        (encoder.in_chans - 1) // 2,
+        encoder.mean.flatten().tolist(),
+        encoder.std.flatten().tolist(),
+        encoder.pool,
+    )
+    backbone = create_timm_backbone(SLICES_ARCHITECTURE, kwargs)
+    backbone.backbone2d.load_state_dict(encoder.backbone.state_dict())
+    return Encoder(backbone, SLICES_ARCHITECTURE, kwargs, (0.0,), (1.0,), "default")
 
 
 def list_backbones() -> list[tuple[str, str, str]]:

@@ -21,7 +21,14 @@ from safetensors.torch import load_file, save_file
 from medfoundry import __version__
 from medfoundry.errors import ModelError
 from medfoundry.io_utils import atomic_dir
-from medfoundry.models.backbones import NON_TIMM_ARCHITECTURES, Encoder, create_encoder, create_timm_backbone
+from medfoundry.models.backbones import (
+    NON_TIMM_ARCHITECTURES,
+    SLICES_PREFIXES,
+    Encoder,
+    create_encoder,
+    create_timm_backbone,
+    slice_encoder_from,
+)
 from medfoundry.models.vit3d import VIT3D_ARCHITECTURE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -139,7 +146,16 @@ def load_encoder(folder: Path | str, pool: str | None = None) -> Encoder:
 
 
 def load_encoder_or_build(spec: str, in_chans: int, img_size: int | None, seed: int = 0) -> Encoder:
-    """A checkpoint folder path, or a preset / timm name built with random weights."""
+    """A checkpoint folder path, a public model from local weights (``public:NAME:PATH``, see
+    medfoundry.models.loading), or a preset / timm name built with random weights."""
+    if spec.startswith("public:"):
+        from medfoundry.models.loading import load_public_spec  # lazy: the registry imports MONAI and timm builders
+
+        return load_public_spec(spec)
+    prefix, _, inner = spec.partition(":")
+    if prefix in SLICES_PREFIXES and (inner.startswith("public:") or Path(inner).is_dir()):
+        # "2.5d:FOLDER" / "2.5d:public:NAME:PATH": a loaded 2D encoder over a volume's slices.
+        return slice_encoder_from(load_encoder_or_build(inner, 3, None), SLICES_PREFIXES[prefix])
     path = Path(spec)
     if path.is_dir():
         return load_encoder(path)
