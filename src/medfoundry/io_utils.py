@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medfoundry.errors import OutputError
+from medfoundry.errors import MedfoundryError, OutputError
 
 
 def ensure_writable_dir(path: Path) -> Path:
@@ -92,3 +92,13 @@ def write_json_atomic(path: Path, data: Any) -> Path:
 
 def hash_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """A resumable training state written with ``torch.save``, read without pickle (``weights_only=True``)."""
+    import torch  # here: the rest of this module is used where torch is not needed
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
+        raise MedfoundryError(f"cannot read training state ({error}); delete it to start over", path) from None

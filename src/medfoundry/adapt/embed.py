@@ -2,6 +2,10 @@
 
 An embeddings file is reused only when all three hashes match its attributes; otherwise it is recomputed
 and replaced atomically, so a stale cache is never used and an interrupted write never leaves a half file.
+
+Under torchrun each rank embeds a contiguous shard (cut at batch boundaries, so every rank runs the very batches
+one process would) into a part file beside the output; rank 0 merges the parts in order into the same file a
+single process writes and removes them. A part left by an interrupted run is reused when its hashes match.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from medfoundry.data.sample import ArrayImageSet, ImageSet
-from medfoundry.errors import DataError
+from medfoundry.distributed import DistEnv, barrier, gather_objects, init_distributed, shard_bounds
+from medfoundry.errors import DataError, ModelError
 from medfoundry.io_utils import atomic_path, hash_json
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import weights_hash
@@ -67,14 +72,21 @@ class _TensorImages(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images.load(index)))
 
 
-def _batches(images: ImageSet, batch_size: int, num_workers: int) -> DataLoader | list[torch.Tensor]:
+def _batches(
+    images: ImageSet, batch_size: int, num_workers: int, start: int = 0, stop: int | None = None
+) -> DataLoader | list[torch.Tensor]:
+    stop = len(images) if stop is None else stop
     if isinstance(images, ArrayImageSet):
         # In-memory arrays: slicing whole batches skips per-sample collation.
         array = images.images
         return [
-            torch.from_numpy(np.ascontiguousarray(array[i : i + batch_size])) for i in range(0, len(array), batch_size)
+            torch.from_numpy(np.ascontiguousarray(array[i : min(i + batch_size, stop)]))
+            for i in range(start, stop, batch_size)
         ]
-    return DataLoader(_TensorImages(images), batch_size=batch_size, num_workers=num_workers)
+    dataset: Dataset = _TensorImages(images)
+    if (start, stop) != (0, len(images)):
+        dataset = Subset(dataset, range(start, stop))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
 
 
 def prepare_batch(encoder: Encoder, batch: torch.Tensor, source: str = "") -> torch.Tensor:
@@ -100,18 +112,27 @@ def prepare_batch(encoder: Encoder, batch: torch.Tensor, source: str = "") -> to
 
 @torch.inference_mode()
 def extract_features(
-    encoder: Encoder, images: ImageSet, batch_size: int = 128, num_workers: int = 0, bf16: bool = False
+    encoder: Encoder,
+    images: ImageSet,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    bf16: bool = False,
+    start: int = 0,
+    stop: int | None = None,
+    device: torch.device | None = None,
 ) -> np.ndarray:
+    """Features of images ``start`` to ``stop`` (all by default), computed on ``device`` (the encoder's own)."""
     encoder.eval()
+    device = device or next(encoder.parameters()).device
     chunks: list[np.ndarray] = []
-    for batch in _batches(images, batch_size, num_workers):
-        x = prepare_batch(encoder, batch, str(images.source))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    for batch in _batches(images, batch_size, num_workers, start, stop):
+        x = prepare_batch(encoder, batch.to(device, non_blocking=True), str(images.source))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             features = encoder(x)
-        chunks.append(features.float().numpy())
+        chunks.append(features.float().cpu().numpy())
     features = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
     if not np.isfinite(features).all():
-        bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
+        bad = start + int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
         raise DataError(f"encoder produced NaN/inf features (first at sample {images.ids[bad]})", images.source)
     return features
 
@@ -124,12 +145,18 @@ def embed(
     num_workers: int = 0,
     bf16: bool = False,
 ) -> Embeddings:
-    """Embed ``images``; with ``out_path``, reuse a matching HDF5 cache or write a new one atomically."""
+    """Embed ``images``; with ``out_path``, reuse a matching HDF5 cache or write a new one atomically.
+
+    Under torchrun the ranks share the work (module docstring) and each returns the whole result.
+    """
+    env = init_distributed()
     key = cache_key(encoder, images) if out_path is not None else {}
     if out_path is not None and Path(out_path).is_file():
         cached = _read_if_matching(Path(out_path), key)
         if cached is not None:
             return cached
+    if env.enabled:
+        return _embed_sharded(encoder, images, out_path, batch_size, num_workers, bf16, env, key)
     started = time.perf_counter()
     features = extract_features(encoder, images, batch_size, num_workers, bf16)
     result = Embeddings(
@@ -148,6 +175,85 @@ def embed(
             {**key, "preprocessing": hash_json(preprocessing_spec(encoder)), "embed_dim": features.shape[1]},
         )
     return result
+
+
+def part_path(out_path: Path, env: DistEnv) -> Path:
+    """Where rank ``env.rank`` writes its shard of ``out_path`` before rank 0 merges the parts."""
+    return out_path.with_name(f"{out_path.name}.part{env.rank}-of-{env.world_size}")
+
+
+def _embed_sharded(
+    encoder: Encoder,
+    images: ImageSet,
+    out_path: Path | None,
+    batch_size: int,
+    num_workers: int,
+    bf16: bool,
+    env: DistEnv,
+    key: dict[str, str],
+) -> Embeddings:
+    started = time.perf_counter()
+    hashes = gather_objects(key.get("weights_hash") or weights_hash(encoder.backbone), env)
+    if len(set(hashes)) > 1:
+        raise ModelError(
+            f"the {env.world_size} ranks hold different encoder weights (hashes {', '.join(hashes)}); build the "
+            "encoder with a fixed seed or load it from a checkpoint on every rank"
+        )
+    start, stop = shard_bounds(len(images), env, align=batch_size)
+    # Moved for the extraction only: the caller's encoder stays where it was.
+    home = next(encoder.parameters()).device
+    if out_path is None:
+        features = extract_features(encoder.to(env.device), images, batch_size, num_workers, bf16, start, stop)
+        encoder.to(home)
+        merged = np.concatenate(gather_objects(features, env))
+        return _whole(images, merged, None, time.perf_counter() - started)
+    out_path = Path(out_path)
+    part = part_path(out_path, env)
+    part_key = {**key, "shard_start": start, "shard_stop": stop}
+    done = _read_if_matching(part, part_key) if part.is_file() else None
+    if done is None:
+        features = extract_features(encoder.to(env.device), images, batch_size, num_workers, bf16, start, stop)
+        encoder.to(home)
+        shard = Embeddings(
+            features,
+            list(images.ids[start:stop]),
+            list(images.patient_ids[start:stop]),
+            images.labels[start:stop] if images.labels is not None else None,
+        )
+        write_embeddings(part, shard, part_key)
+    barrier(env)
+    if env.is_main:
+        _merge_parts(out_path, images, env, {**key, "preprocessing": hash_json(preprocessing_spec(encoder))})
+    barrier(env)
+    merged, _ = read_embeddings(out_path)
+    merged.reused, merged.seconds = False, time.perf_counter() - started
+    return merged
+
+
+def _merge_parts(out_path: Path, images: ImageSet, env: DistEnv, attrs: dict[str, object]) -> None:
+    """Rank 0: the parts, in rank order, into the one file a single process writes; then the parts go."""
+    parts = [part_path(out_path, DistEnv(rank, env.world_size)) for rank in range(env.world_size)]
+    shards = [read_embeddings(path)[0] for path in parts]
+    features = np.concatenate([shard.features for shard in shards])
+    ids = [sample_id for shard in shards for sample_id in shard.ids]
+    if ids != list(images.ids):
+        raise DataError(f"merged parts hold {len(ids)} ids that do not match the {len(images)} images", parts[0])
+    labels = np.concatenate([s.labels for s in shards]) if images.labels is not None else None  # type: ignore[misc]
+    write_embeddings(out_path, _whole(images, features, labels, 0.0), {**attrs, "embed_dim": features.shape[1]})
+    for path in parts:
+        path.unlink()
+
+
+def _whole(images: ImageSet, features: np.ndarray, labels: np.ndarray | None, seconds: float) -> Embeddings:
+    return Embeddings(
+        features,
+        list(images.ids),
+        list(images.patient_ids),
+        images.labels if labels is None else labels,
+        None,
+        False,
+        seconds,
+    )
 
 
 def write_embeddings(path: Path, embeddings: Embeddings, attrs: dict[str, object]) -> None:

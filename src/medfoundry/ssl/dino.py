@@ -17,6 +17,7 @@ from lightly.loss.msn_loss import sinkhorn
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad
 from lightly.transforms.multi_view_transform import MultiViewTransform
+from lightly.utils import dist as lightly_dist
 from torch import nn
 
 from medfoundry.config import DinoConfig, PretrainConfig
@@ -63,9 +64,36 @@ def twin_head(head: DINOProjectionHead, width: int, cfg: DinoConfig) -> DINOProj
     return twin
 
 
-def sinkhorn_targets(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int) -> torch.Tensor:
-    """DINOv2's teacher targets: Sinkhorn-Knopp-balanced softmax over the batch (lightly's MSN sinkhorn)."""
-    return sinkhorn(F.softmax(teacher_logits.float() / teacher_temp, dim=-1), iterations=iterations)
+def sinkhorn_targets(
+    teacher_logits: torch.Tensor, teacher_temp: float, iterations: int, gather_distributed: bool = False
+) -> torch.Tensor:
+    """DINOv2's teacher targets: Sinkhorn-Knopp-balanced softmax over the batch (lightly's MSN sinkhorn).
+
+    With ``gather_distributed`` the prototype sums run over all ranks, so the balance is over the global batch.
+    lightly scales each rank's targets by the rank's own count, which is exact only when every rank holds
+    equally many rows (one per image and view, as here).
+    """
+    probs = F.softmax(teacher_logits.float() / teacher_temp, dim=-1)
+    return sinkhorn(probs, iterations=iterations, gather_distributed=gather_distributed)
+
+
+class BatchKoLeo(nn.Module):
+    """lightly's KoLeo, over the global batch when ``gather_distributed`` is on (prepare_for_ddp does so).
+
+    Each rank then computes KoLeo of all ranks' features: every sample's nearest neighbour is sought in the global
+    batch, as one process would. The gather's backward sums the ranks' gradients and DDP averages them, so the
+    gradient is that of the one global value. (DINOv2 computes KoLeo per GPU; here the global batch decides.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.koleo = KoLeoLoss()
+        self.gather_distributed = False
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.gather_distributed and lightly_dist.world_size() > 1:
+            features = torch.cat(lightly_dist.gather(features))
+        return self.koleo(features)
 
 
 @register_method("dino")
@@ -91,7 +119,10 @@ class DINO(SSLMethod):
             if cfg.teacher_targets == "centering"
             else None
         )
-        self.koleo = KoLeoLoss()
+        self.koleo = BatchKoLeo()
+        # Switched on under DDP by prepare_for_ddp: Sinkhorn-Knopp balances the targets over the global batch.
+        # (The centring loss needs nothing: lightly averages the batch centre over the ranks.)
+        self.gather_distributed = False
 
     def build_views(self, encoder: Encoder, config: PretrainConfig) -> MultiViewTransform:
         mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
@@ -123,7 +154,9 @@ class DINO(SSLMethod):
         if self.centering_loss is not None:
             dino_loss = self.centering_loss(teacher_logits, student_logits, teacher_temp=values.teacher_temp)
         else:
-            targets = sinkhorn_targets(torch.cat(teacher_logits), values.teacher_temp, self.cfg.sinkhorn_iterations)
+            targets = sinkhorn_targets(
+                torch.cat(teacher_logits), values.teacher_temp, self.cfg.sinkhorn_iterations, self.gather_distributed
+            )
             dino_loss = cross_view_cross_entropy(
                 list(targets.chunk(len(global_views))), student_logits, self.cfg.student_temp
             )

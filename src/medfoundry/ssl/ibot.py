@@ -11,19 +11,23 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from lightly.loss import DINOLoss, IBOTPatchLoss
 from lightly.models import utils
 from lightly.models.modules import MaskedVisionTransformerTIMM
+from lightly.models.modules.center import center_momentum
 from lightly.transforms.multi_view_transform import MultiViewTransform
+from lightly.utils import dist as lightly_dist
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medfoundry.config import PretrainConfig
+from medfoundry.distributed import rank_rows
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
-from medfoundry.ssl.dino import build_dino_head, cross_view_cross_entropy, sinkhorn_targets, twin_head
+from medfoundry.ssl.dino import BatchKoLeo, build_dino_head, cross_view_cross_entropy, sinkhorn_targets, twin_head
 from medfoundry.ssl.ema import update_teachers
 from medfoundry.ssl.monitor import prediction_entropy
 from medfoundry.ssl.views import build_dino_views, seeded_rng
@@ -41,6 +45,34 @@ def masked_patch_cross_entropy(
     masked_per_image = mask.flatten(1).sum(dim=1, keepdim=True).clamp(min=1)
     weights = (1.0 / masked_per_image).expand_as(mask.flatten(1))[mask.flatten(1)]
     return (per_patch * weights).sum() / mask.shape[0]
+
+
+def patch_sinkhorn_targets(
+    teacher_logits: torch.Tensor, teacher_temp: float, iterations: int, gather_distributed: bool = False
+) -> torch.Tensor:
+    """Sinkhorn-Knopp targets for the masked patches, balanced over all ranks' patches when ``gather_distributed``.
+
+    On one process this is lightly's sinkhorn (:func:`sinkhorn_targets`). Across ranks it is written here because
+    lightly's scales each rank's targets by the rank's own count, and the ranks hold different numbers of masked
+    patches: as in DINOv2's SinkhornKnopp, the count is summed over the ranks. The operations are lightly's.
+    """
+    if not (gather_distributed and lightly_dist.world_size() > 1):
+        return sinkhorn_targets(teacher_logits, teacher_temp, iterations)
+    if iterations <= 0:
+        return F.softmax(teacher_logits.float() / teacher_temp, dim=-1)
+    probs = F.softmax(teacher_logits.float() / teacher_temp, dim=-1).T  # (prototypes, targets)
+    num_prototypes = probs.shape[0]
+    count = probs.new_tensor(float(probs.shape[1]))
+    total = probs.sum()
+    dist.all_reduce(count)
+    dist.all_reduce(total)
+    probs = probs / total
+    for _ in range(iterations):
+        row_sum = probs.sum(dim=1, keepdim=True)
+        dist.all_reduce(row_sum)
+        probs = probs / row_sum / num_prototypes
+        probs = probs / probs.sum(dim=0, keepdim=True) / count
+    return (probs * count).T
 
 
 @register_method("ibot")
@@ -88,7 +120,9 @@ class IBOT(SSLMethod):
             )
         else:
             self.centering_loss, self.patch_centering_loss = None, None
-        self.koleo = KoLeoLoss()
+        self.koleo = BatchKoLeo()
+        # Switched on under DDP by prepare_for_ddp: Sinkhorn-Knopp balances the targets over the global batch.
+        self.gather_distributed = False
 
     def build_views(self, encoder: Encoder, config: PretrainConfig) -> MultiViewTransform:
         mean, std = encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
@@ -98,17 +132,26 @@ class IBOT(SSLMethod):
         heads = [self.student_head] + ([self.student_patch_head] if self.student_patch_head is not None else [])
         return [self.student, *heads]
 
-    def _block_masks(self, batch: int, grid: int, step: int, device: torch.device) -> torch.Tensor:
-        """DINOv2 block masks (batch, grid, grid), seeded by (run seed, step) so a resumed run masks the same."""
+    def _global_block_masks(self, batch: int, grid: int, step: int) -> torch.Tensor:
+        """DINOv2 block masks (batch, grid, grid) for the global batch, seeded by (run seed, step) so a resumed run
+        masks the same."""
         cfg = self.cfg
         with seeded_rng(self.seed, step, 1):
-            mask = utils.random_block_mask(
+            return utils.random_block_mask(
                 (batch, grid, grid),
                 batch_mask_ratio=cfg.mask_sample_ratio,
                 min_image_mask_ratio=cfg.mask_ratio_min,
                 max_image_mask_ratio=cfg.mask_ratio_max,
             )
-        return mask.to(device)
+
+    def _block_masks(self, batch: int, grid: int, step: int, device: torch.device, views: int = 1) -> torch.Tensor:
+        """This rank's block masks for its ``batch`` rows (``views`` views of its images, view after view).
+
+        Under DDP the masks are drawn for the global batch and the rank keeps its rows, so each image gets the
+        mask one process would give it (drawing per rank would give the i-th image of every rank the same mask).
+        """
+        masks = self._global_block_masks(batch * lightly_dist.world_size(), grid, step)
+        return rank_rows(masks, views).to(device)
 
     def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput:
         cfg = self.cfg
@@ -120,8 +163,14 @@ class IBOT(SSLMethod):
                 f"got {tuple(global_views.shape[-2:])}"
             )
         grid = global_views.shape[-1] // self.patch_size
-        mask = self._block_masks(global_views.shape[0], grid, values.step, global_views.device)
+        world = lightly_dist.world_size()
+        global_mask = self._global_block_masks(global_views.shape[0] * world, grid, values.step)
+        mask = rank_rows(global_mask, n_global).to(global_views.device)
         flat_mask = mask.flatten(1)
+        # Decided on the global masks, so that all ranks take the same branch (the Sinkhorn sums are collective).
+        any_masked = bool(global_mask.any())
+        # Whether every rank's share has a masked patch: the per-rank monitor values are then all defined.
+        every_rank_masked = bool(global_mask.flatten(1).any(1).view(n_global, world, -1).any(2).any(0).all())
         # Prefix tokens (CLS) are never masked.
         token_mask = F.pad(flat_mask, (self.num_prefix, 0), value=False)
 
@@ -143,15 +192,20 @@ class IBOT(SSLMethod):
         if self.centering_loss is not None and self.patch_centering_loss is not None:
             dino_loss = self.centering_loss(teacher_cls_views, student_cls, teacher_temp=values.teacher_temp)
             patch_loss = (
-                self.patch_centering_loss(teacher_patches, student_patches, mask, teacher_temp=values.teacher_temp)
-                if flat_mask.any()
+                self._centered_patch_loss(
+                    self.patch_centering_loss, teacher_patches, student_patches, mask, values.teacher_temp
+                )
+                if any_masked
                 else student_patches.sum() * 0.0
             )
         else:
-            targets = sinkhorn_targets(teacher_cls, values.teacher_temp, cfg.sinkhorn_iterations)
+            gather = self.gather_distributed
+            targets = sinkhorn_targets(teacher_cls, values.teacher_temp, cfg.sinkhorn_iterations, gather)
             dino_loss = cross_view_cross_entropy(list(targets.chunk(n_global)), student_cls, cfg.student_temp)
-            if flat_mask.any():
-                patch_targets = sinkhorn_targets(teacher_patches, values.teacher_temp, cfg.sinkhorn_iterations)
+            if any_masked:
+                patch_targets = patch_sinkhorn_targets(
+                    teacher_patches, values.teacher_temp, cfg.sinkhorn_iterations, gather
+                )
                 patch_loss = masked_patch_cross_entropy(patch_targets, student_patches, mask, cfg.student_temp)
             else:
                 patch_loss = student_patches.sum() * 0.0
@@ -160,7 +214,7 @@ class IBOT(SSLMethod):
         loss = dino_loss + cfg.patch_loss_weight * patch_loss + cfg.koleo_weight * koleo
         entropy, used = prediction_entropy(teacher_cls, values.teacher_temp)
         extra = {"teacher_entropy": entropy, "prototypes_used": used}
-        if flat_mask.any():
+        if every_rank_masked:
             extra["teacher_patch_entropy"], _ = prediction_entropy(teacher_patches, values.teacher_temp)
         return StepOutput(
             loss=loss,
@@ -174,6 +228,27 @@ class IBOT(SSLMethod):
             monitor_features=student_cls_features[0].detach(),
             monitor_extra=extra,
         )
+
+    def _centered_patch_loss(
+        self,
+        loss_fn: IBOTPatchLoss,
+        teacher_patches: torch.Tensor,
+        student_patches: torch.Tensor,
+        mask: torch.Tensor,
+        teacher_temp: float,
+    ) -> torch.Tensor:
+        """lightly's iBOT patch loss with centring; under DDP its centre is then set from all ranks' patches."""
+        if not (self.gather_distributed and lightly_dist.world_size() > 1):
+            return loss_fn(teacher_patches, student_patches, mask, teacher_temp=teacher_temp)
+        previous = loss_fn.center.center.clone()
+        loss = loss_fn(teacher_patches, student_patches, mask, teacher_temp=teacher_temp)
+        # lightly's update averages the ranks' means of their masked patches: ranks with fewer patches weigh more,
+        # and a rank without any makes the centre NaN. The mean over all masked patches replaces it.
+        sums = torch.cat([teacher_patches.float().sum(dim=0), teacher_patches.new_tensor([teacher_patches.shape[0]])])
+        dist.all_reduce(sums)
+        batch_center = (sums[:-1] / sums[-1]).view_as(previous)
+        loss_fn.center.center = center_momentum(previous, batch_center, loss_fn.center.momentum)
+        return loss
 
     def before_optimizer_step(self, values: StepValues) -> None:
         for head in (self.student_head, self.student_patch_head):

@@ -18,12 +18,14 @@ from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVis
 from lightly.models.modules.masked_vision_transformer_timm import init_weights
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
+from lightly.utils import dist as lightly_dist
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medfoundry.config import PretrainConfig
+from medfoundry.distributed import rank_rows
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import Encoder, is_vit
 from medfoundry.models.vit3d import ViT3D, patchify_3d
@@ -198,9 +200,14 @@ class MAE(SSLMethod):
 
         Drawn from a generator seeded by (run seed, step) on the CPU, so a resumed run, any device and any
         number of workers mask the same patches at the same step. Prefix tokens (CLS, registers) are always kept.
+        Under DDP the masks are drawn for the global batch and the rank keeps its rows, so each image gets the mask
+        one process would give it (drawing per rank would give the i-th image of every rank the same mask).
         """
         with seeded_rng(self.seed, step):
-            keep, mask = utils.random_token_mask((batch_size, self.num_patches), self.mask_ratio, mask_class_token=True)
+            keep, mask = utils.random_token_mask(
+                (batch_size * lightly_dist.world_size(), self.num_patches), self.mask_ratio, mask_class_token=True
+            )
+        keep, mask = rank_rows(keep), rank_rows(mask)
         prefix = torch.arange(self.num_prefix).expand(batch_size, -1)
         keep = torch.cat([prefix, keep + self.num_prefix], dim=1)
         return keep.to(device), (mask + self.num_prefix).to(device)

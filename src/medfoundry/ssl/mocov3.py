@@ -12,6 +12,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
+from lightly.utils import dist as lightly_dist
 from torch import nn
 
 from medfoundry.config import PretrainConfig
@@ -20,11 +21,21 @@ from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_meth
 from medfoundry.ssl.ema import frozen_copy, update_teachers
 
 
-def moco_v3_contrastive(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of each query's similarity to all keys, its own key being the positive (times 2T)."""
+def moco_v3_contrastive(
+    query: torch.Tensor, key: torch.Tensor, temperature: float, gather_distributed: bool = False
+) -> torch.Tensor:
+    """Cross-entropy of each query's similarity to all keys, its own key being the positive (times 2T).
+
+    With ``gather_distributed`` under torch.distributed the keys of every rank are the candidates (MoCo v3's
+    concat_all_gather), so each query meets the negatives one process would give it over the global batch.
+    """
     query, key = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
-    logits = query @ key.T / temperature
     labels = torch.arange(query.shape[0], device=query.device)
+    if gather_distributed and lightly_dist.world_size() > 1:
+        # The keys come from the momentum encoder (no gradient), so a plain gather is enough.
+        key = torch.cat(lightly_dist.gather(key.detach()))
+        labels = labels + lightly_dist.rank() * query.shape[0]
+    logits = query @ key.T / temperature
     return 2 * temperature * F.cross_entropy(logits, labels)
 
 
@@ -47,6 +58,8 @@ class MoCoV3(SSLMethod):
         )
         self.momentum_backbone = frozen_copy(self.backbone)
         self.momentum_projection = frozen_copy(self.projection)
+        # Switched on under DDP by prepare_for_ddp: the keys of all ranks become the negatives.
+        self.gather_distributed = False
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projection, self.prediction]
@@ -59,8 +72,9 @@ class MoCoV3(SSLMethod):
             keys = [self.momentum_projection(self.momentum_backbone(view)) for view in views[:2]]
         # The loss in fp32: under bf16 autocast, logits at temperature 0.2 lose too much precision.
         with torch.autocast(views[0].device.type, enabled=False):
-            loss = moco_v3_contrastive(queries[0], keys[1], self.cfg.temperature) + moco_v3_contrastive(
-                queries[1], keys[0], self.cfg.temperature
+            temperature, gather = self.cfg.temperature, self.gather_distributed
+            loss = moco_v3_contrastive(queries[0], keys[1], temperature, gather) + moco_v3_contrastive(
+                queries[1], keys[0], temperature, gather
             )
         return StepOutput(
             loss=loss,
