@@ -10,7 +10,8 @@ from medfoundry.config import ExperimentConfig, SuiteConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUITES = sorted((REPO_ROOT / "configs" / "suites").glob("*.yaml"))
-RECIPES = sorted(set((REPO_ROOT / "configs").rglob("*.yaml")) - set(SUITES))
+SEGMENT = sorted((REPO_ROOT / "configs" / "segment").glob("*.yaml"))
+RECIPES = sorted(set((REPO_ROOT / "configs").rglob("*.yaml")) - set(SUITES) - set(SEGMENT))
 
 
 def test_there_is_a_recipe_per_method() -> None:
@@ -35,3 +36,11 @@ def test_suite_validates(suite: Path) -> None:
     for encoder in config.encoders:
         if encoder.recipe is not None:
             assert (REPO_ROOT / encoder.recipe).is_file(), encoder.recipe
+
+
+@pytest.mark.parametrize("recipe", SEGMENT, ids=lambda path: str(path.relative_to(REPO_ROOT)))
+def test_segment_recipe_validates(recipe: Path) -> None:
+    from medfoundry.segment.config import SegmentProbeConfig
+
+    config = load_config(SegmentProbeConfig, recipe)
+    assert config.output_dir.parts[0] == "runs" and len(config.images) == len(config.labels) > 0

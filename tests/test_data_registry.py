@@ -31,7 +31,7 @@ def test_folder_and_csv(shared_data: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_prefix_and_unknown_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="unknown dataset prefix 'dicomx'.*csv:, folder:, idrid:, medmnist:"):
+    with pytest.raises(DataError, match="unknown dataset prefix 'dicomx'.*csv:, dicom:, folder:, idrid:, medmnist:"):
         load_dataset("dicomx:/data/scan")
     odd = tmp_path / "scan.xyz"
     odd.write_text("?")

@@ -309,3 +309,33 @@ def test_broken_affine_names_file(tmp_path: Path, name: str, srow: np.ndarray, f
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         expect_data_error(lambda: load_nifti_volume(path), path, "broken affine", fragment)
+
+
+def test_dicom_prefix_crops_series_like_nifti(shared_data: Path, tmp_path: Path) -> None:
+    """``dicom:FOLDER`` gives the NIfTI reader's windowed crops, one scan per series folder, named by folder."""
+    import shutil
+
+    from medfoundry.data.registry import load_dataset
+
+    series = shared_data / "totalsegmentator_ct_examples" / "example_ct_dicom"
+    if not series.is_dir():
+        pytest.skip(f"{series} is absent")
+    crops = load_dataset(f"dicom:{series}", crop_size=32)["train"]
+    assert crops.images.shape[1:] == (1, 32, 32, 32) and crops.images.dtype == np.float32
+    assert crops.images.min() >= 0.0 and crops.images.max() <= 1.0
+    assert crops.spacing_mm == {"example_ct_dicom": (2.0, 0.9765625, 0.9765625)}
+    # The same voxels as the series read directly, windowed -1000..1000 HU, in (z, y, x) order.
+    hu = load_dicom_series(series).array.transpose(2, 1, 0)
+    z, y, x = (int(v) for v in crops.ids[0].split("@z")[1].replace("y", " ").replace("x", " ").split())
+    expected = np.clip((hu[z : z + 32, y : y + 32, x : x + 32] + 1000) / 2000, 0, 1)
+    depth = expected.shape[0]  # 20 slices: the crop is padded with air (0) past the last one
+    np.testing.assert_allclose(crops.images[0, 0, :depth], expected, atol=1e-6)
+    assert depth == 20 and not crops.images[0, 0, depth:].any()
+    # A PACS-style export: one subfolder per scan; each becomes its own patient group.
+    export = tmp_path / "export"
+    for scan in ("scan_a", "scan_b"):
+        shutil.copytree(series, export / scan)
+    both = load_dataset(f"dicom:{export}", crop_size=32)["train"]
+    assert set(both.patient_ids) == {"scan_a", "scan_b"} and len(both) == 2 * len(crops)
+    missing = tmp_path / "missing"
+    expect_data_error(lambda: load_dataset(f"dicom:{missing}"), missing, "DICOM folder not found")

@@ -50,7 +50,7 @@ from medfoundry.evaluate.results import ResultRecord, ResultsFile, run_metadata,
 from medfoundry.experiment import build_encoder, run_pretraining, unlabeled
 from medfoundry.io_utils import ensure_writable_dir, hash_json
 from medfoundry.models.backbones import Encoder, create_encoder
-from medfoundry.models.checkpoint import load_encoder, weights_hash
+from medfoundry.models.checkpoint import load_encoder, load_encoder_or_build, weights_hash
 
 Echo = Callable[[str], None]
 
@@ -149,7 +149,10 @@ def prepare_encoder(
 ) -> Encoder:
     """Load, build or pre-train (once; resumed when interrupted) the encoder ``spec`` names."""
     if spec.checkpoint is not None:
-        return load_encoder(spec.checkpoint, pool=spec.pool)
+        if spec.checkpoint.is_dir():
+            return load_encoder(spec.checkpoint, pool=spec.pool)
+        # A public model from local weights ("public:NAME:PATH") or a 2.5D wrapping ("2.5d:..."): its own pool.
+        return load_encoder_or_build(str(spec.checkpoint), spec.in_chans, spec.img_size, spec.seed)
     if spec.backbone is not None:
         return create_encoder(
             spec.backbone, in_chans=spec.in_chans, img_size=spec.img_size, pool=spec.pool or "default", seed=spec.seed

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,20 +60,45 @@ def load_nifti_crops(
         DataError: no volumes, an unreadable / non-3D / NaN file (named), bad arguments, or no crop left.
     """
     path = Path(path)
+    files = _volume_files(path)
+    scans = ((_scan_name(file, path), *_read_volume(file)) for file in files)
+    return crop_volumes(
+        scans,
+        path,
+        name or _dataset_name(path),
+        crop_size=crop_size,
+        stride=stride,
+        window=window,
+        tissue_hu=tissue_hu,
+        min_tissue_fraction=min_tissue_fraction,
+    )
+
+
+def crop_volumes(
+    scans: Iterable[tuple[str, np.ndarray, tuple[float, float, float]]],
+    source: Path,
+    name: str,
+    *,
+    crop_size: int = 32,
+    stride: int | None = None,
+    window: tuple[float, float] = (-1000.0, 1000.0),
+    tissue_hu: float = -500.0,
+    min_tissue_fraction: float = 0.1,
+) -> Splits:
+    """Windowed cubic crops of (scan name, (z, y, x) HU volume, (z, y, x) spacing) triples, as ``{"train": set}``;
+    shared by the NIfTI and DICOM readers (the decisions are in this module's docstring)."""
     stride = stride or crop_size
     low, high = float(window[0]), float(window[1])
     if crop_size < 1 or stride < 1:
-        raise DataError(f"crop_size ({crop_size}) and stride ({stride}) must be positive", path)
+        raise DataError(f"crop_size ({crop_size}) and stride ({stride}) must be positive", source)
     if not high > low:
-        raise DataError(f"CT window {window} must have its upper bound above its lower bound", path)
-    files = _volume_files(path)
+        raise DataError(f"CT window {window} must have its upper bound above its lower bound", source)
     crops: list[np.ndarray] = []
     ids: list[str] = []
     patients: list[str] = []
     spacing: dict[str, tuple[float, float, float]] = {}
-    for file in files:
-        scan = _scan_name(file, path)
-        volume, spacing[scan] = _read_volume(file)
+    for scan, volume, scan_spacing in scans:
+        spacing[scan] = scan_spacing
         windowed = np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
         tissue_level = float(np.clip((tissue_hu - low) / (high - low), 0.0, 1.0))
         for corner, crop in _cut(windowed, crop_size, stride):
@@ -84,13 +110,13 @@ def load_nifti_crops(
     if not crops:
         raise DataError(
             f"no crop of {crop_size} voxels has {min_tissue_fraction:.0%} of voxels above {tissue_hu} HU "
-            f"in {len(files)} volume(s); lower min_tissue_fraction or crop_size",
-            path,
+            f"in {len(spacing)} volume(s); lower min_tissue_fraction or crop_size",
+            source,
         )
     images = np.stack(crops)[:, None]
     train = VolumeCropSet(
-        name=f"{name or _dataset_name(path)}:train",
-        source=path,
+        name=f"{name}:train",
+        source=source,
         images=images,
         ids=ids,
         patient_ids=patients,

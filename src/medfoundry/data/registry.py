@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfoundry.data.dicom import load_dicom_crops
 from medfoundry.data.idrid import load_idrid
 from medfoundry.data.manifest import load_image_folder, load_manifest
 from medfoundry.data.medmnist import load_medmnist_npz
@@ -117,6 +118,12 @@ def _read_wsi(path: Path, **kwargs: Any) -> Splits:
 @register_reader("nifti", suffixes=NIFTI_SUFFIXES)
 def _read_nifti(path: Path, **kwargs: Any) -> Splits:
     return load_nifti_crops(path, **kwargs)
+
+
+# Needs the prefix ("dicom:FOLDER"): a folder of slices or of series folders.
+@register_reader("dicom")
+def _read_dicom(path: Path, **kwargs: Any) -> Splits:
+    return load_dicom_crops(path, **kwargs)
 
 
 # Needs the prefix ("idrid:PATH"): an unprefixed folder stays the image-folder reader's.
