@@ -267,6 +267,46 @@ def test_ophthalmology_views_keep_the_field_of_view(fundus: Image.Image) -> None
     assert outside_total > 0
 
 
+def synthetic_bscan(width: int = 256, height: int = 128, seed: int = 0) -> Image.Image:
+    """A B-scan-like grey image (no OCT data is available here): bright layered bands that curve like a retina
+    over a dark vitreous, with multiplicative speckle."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(width)
+    surface = height * 0.3 + 10 * np.cos(2 * np.pi * x / width)  # the inner retina's top edge
+    depth = np.arange(height)[:, None] - surface[None, :]
+    layers = np.where((depth > 0) & (depth < 40), 0.4 + 0.4 * (np.sin(depth / 3.0) > 0), 0.05)
+    layers = np.where((depth >= 40) & (depth < 46), 0.95, layers)  # the bright RPE band
+    speckled = layers * rng.gamma(4.0, 0.25, size=layers.shape)
+    return Image.fromarray((np.clip(speckled, 0, 1) * 255).astype(np.uint8), mode="L")
+
+
+def test_oct_views_keep_layers_upright_and_add_speckle() -> None:
+    from medfoundry.transforms.ophthalmology import RandomSpeckle
+
+    bscan = synthetic_bscan()
+    config = ViewsConfig(domain="oct", global_crop_size=64, global_crop_scale=(0.9, 1.0), rotation_prob=0.0)
+    assert config.vflip_prob == 0.0 and config.rot90_prob == 0.0 and config.color_jitter_prob == 0.0
+    assert config.speckle_sigma == DOMAIN_PRESETS["oct"]["speckle_sigma"] > 0
+    two = build_two_views(config, 1, [0.5], [0.25])
+    for seed in SEEDS:
+        for view in _views(two, bscan, seed):
+            assert view.shape == (1, 64, 64)
+            rows = view[0].mean(dim=1)
+            # The vitreous (dark) stays above the retina: no view is upside down.
+            assert rows[:8].mean() < rows[24:48].mean(), rows
+    # Speckle: same seed and draws, with and without it; the noise is multiplicative (dark stays dark).
+    quiet = ViewsConfig(domain="oct", global_crop_size=64, speckle_sigma=0.0)
+    torch.manual_seed(0)
+    clean = torch.rand(1, 32, 32)
+    clean[:, :8] = 0.0
+    torch.manual_seed(1)
+    noisy = RandomSpeckle(0.5)(clean)
+    assert torch.equal(noisy[:, :8], clean[:, :8]) and not torch.equal(noisy, clean)
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    assert _same(_views(two, bscan, 7), _views(build_two_views(config, 1, [0.5], [0.25]), bscan, 7))
+    assert not _same(_views(two, bscan, 7), _views(build_two_views(quiet, 1, [0.5], [0.25]), bscan, 7))
+
+
 @pytest.mark.parametrize("domain", ["pathology", "radiology", "ophthalmology"])
 def test_views_are_reproducible_per_seed(domain: str, he_tile: Image.Image, cxr_rgb: Image.Image, fundus) -> None:
     image, in_chans = {"pathology": (he_tile, 3), "radiology": (cxr_rgb, 1), "ophthalmology": (fundus, 3)}[domain]

@@ -115,6 +115,10 @@ def pretrain_images(config: ExperimentConfig, splits: Splits | None = None) -> t
 def run_pretraining(
     config: ExperimentConfig, splits: Splits | None = None, resume: bool = True, show_progress: bool = True
 ) -> PretrainResult:
+    if config.pretrain.method == "clip":  # image-text pairs, not images: its own trainer (docs/vision-language.md)
+        from medfoundry.vlm.train import run_clip_pretraining
+
+        return run_clip_pretraining(config, resume=resume, show_progress=show_progress)
     images, description = pretrain_images(config, splits)
     return pretrain(
         images,

@@ -43,3 +43,26 @@ def black_outside(view: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Set a (C,H,W) view in 0..1 to black (0) outside the (1,H,W) mask."""
     # Plain tensors: torchvision refuses arithmetic between an Image and a Mask.
     return view.as_subclass(torch.Tensor) * mask.as_subclass(torch.Tensor).to(view.dtype)
+
+
+class RandomSpeckle:
+    """Multiplicative speckle noise for OCT views: ``x * (1 + s * N(0, 1))``, clipped to 0..1, with the strength
+    ``s`` drawn uniformly from ``[0, sigma]`` per view (scans differ in how many frames were averaged).
+
+    Neither torchvision nor lightly has multiplicative noise; MONAI's ``RandRicianNoise`` is additive and draws
+    from its own ``RandomState``, which would break the seeded views' exact resume, so it is written here with
+    torch's global generator.
+    """
+
+    def __init__(self, sigma: float) -> None:
+        if not 0.0 <= sigma <= 1.0:
+            raise ValueError(f"speckle sigma must be in [0, 1], got {sigma}")
+        self.sigma = sigma
+
+    def __call__(self, view: torch.Tensor) -> torch.Tensor:
+        strength = float(torch.rand(())) * self.sigma
+        noisy = view.as_subclass(torch.Tensor) * (1.0 + strength * torch.randn_like(view.as_subclass(torch.Tensor)))
+        return noisy.clamp_(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"

@@ -30,6 +30,15 @@ ophthalmology (colour fundus photographs)
     Colour jitter (brightness, contrast, a little saturation and hue) covers cameras, flash and pigmentation.
     Any rotation is fine (the camera can be rotated; the circle stays a circle), and a horizontal flip turns a
     left eye into a plausible right eye; vertical flips add nothing beyond those.
+
+oct (retinal OCT B-scans)
+    One channel. The retina's layers run from the vitreous at the top to the choroid at the bottom, so no
+    vertical flips or 90-degree rotations; a horizontal flip swaps nasal and temporal sides, which is a
+    plausible scan of the other eye. The retina's tilt and position in the B-scan vary with the scan, hence a
+    small rotation, shift and zoom. Reflectivity depends on the device and signal strength: the grey window
+    and gamma are jittered (no colour jitter). OCT images are dominated by multiplicative speckle, whose
+    strength varies with averaging (ART frames), so speckle noise of random strength is added; blur stays as
+    in the natural preset.
 """
 
 from __future__ import annotations
@@ -82,3 +91,6 @@ DOMAIN_PRESETS: dict[str, dict[str, Any]] = {
         "solarization_prob": 0.0,
     },
 }
+# OCT B-scans are grey radiology-like images with their own noise: the radiology preset, a narrower window range
+# (OCT's display range varies less than CT windows) and speckle.
+DOMAIN_PRESETS["oct"] = {**DOMAIN_PRESETS["radiology"], "window_width_range": (0.8, 1.25), "speckle_sigma": 0.3}

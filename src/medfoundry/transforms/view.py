@@ -24,7 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from medfoundry.config import ViewsConfig
-from medfoundry.transforms.ophthalmology import black_outside, fov_mask_tensor
+from medfoundry.transforms.ophthalmology import RandomSpeckle, black_outside, fov_mask_tensor
 from medfoundry.transforms.pathology import RandomHEDJitter, random_rot90
 from medfoundry.transforms.radiology import RandomWindowJitter, small_affine
 
@@ -58,6 +58,7 @@ def uses_domain_steps(config: ViewsConfig) -> bool:
         or window_jitter_on(config)
         or affine_on(config)
         or config.fov_mask
+        or config.speckle_sigma > 0
     )
 
 
@@ -135,6 +136,7 @@ class DomainViewTransform:
                 RandomSolarization(prob=solarization_prob),
                 v2.ToImage(),
                 v2.ToDtype(dtype=torch.float32, scale=True),
+                *([RandomSpeckle(views.speckle_sigma)] if views.speckle_sigma > 0 else []),
             ]
         )
         self.normalize = v2.Normalize(mean=normalize["mean"], std=normalize["std"])
