@@ -29,7 +29,7 @@ import torch
 from medfoundry.adapt.embed import prepare_batch
 from medfoundry.models.backbones import Encoder, create_encoder
 from medfoundry.wsi import embed_slides, read_patches, tile_slides
-from medfoundry.wsi.embedding import SlideTiles, plan_from_attrs
+from medfoundry.wsi.embedding import SlideTiles, default_workers, plan_from_attrs
 from medfoundry.wsi.tiling import open_slide
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--tile", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: embed_slides' choice)")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if not args.slide.is_file():
@@ -115,9 +115,10 @@ def main() -> None:
     scale = float(np.abs(features["e2e"]).max())
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    workers = default_workers(torch.device("cpu")) if args.workers is None else args.workers
     print(
         f"slide {args.slide.name}: {n} tiles of {args.tile} px at {args.mpp} um/px; model {args.model}; "
-        f"{torch.get_num_threads()} torch threads, {args.workers} loader workers; medians of {args.reps}"
+        f"{torch.get_num_threads()} torch threads, {workers} loader workers; medians of {args.reps}"
     )
     print(f"bare forward (tiles in memory): {n / base:7.1f} tiles/s")
     print(

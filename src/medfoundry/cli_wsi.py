@@ -52,7 +52,10 @@ def embed_cmd(
         list[Path] | None, typer.Option("--slides", help="slide files or folders (default: paths in the patches)")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="tiles per batch")] = 64,
-    num_workers: Annotated[int, typer.Option("--num-workers", help="DataLoader workers reading tiles")] = 2,
+    num_workers: Annotated[
+        int | None,
+        typer.Option("--num-workers", help="DataLoader workers reading tiles (default: 4 on a GPU; 0 or 1 on a CPU)"),
+    ] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the encoder")] = False,
     img_size: Annotated[int | None, typer.Option("--img-size", help="input size for a preset or timm name")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when present)")] = None,

@@ -17,7 +17,7 @@ from PIL import Image
 
 from medfoundry.data.sample import ImageSet, Splits
 from medfoundry.errors import DataError
-from medfoundry.wsi.tiling import open_slide, otsu_tissue_mask, read_thumbnail, select_tissue_tiles
+from medfoundry.wsi.tiling import open_slide, otsu_tissue_mask, read_thumbnail, select_tissue_tiles, slide_stem
 
 # Slide formats OpenSlide reads that are never plain images (.tif/.tiff need the ``wsi:`` prefix).
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
@@ -79,9 +79,10 @@ class WSITileSet(ImageSet):
         self.path = path
         self.source = path
         self.grid = grid
-        self.name = path.stem
-        self.ids = [f"{path.stem}@{x}_{y}" for x, y in grid.corners]
-        self.patient_ids = [path.stem] * len(self.ids)
+        stem = slide_stem(path)  # a DICOM slide folder keeps its whole (dotted) name
+        self.name = stem
+        self.ids = [f"{stem}@{x}_{y}" for x, y in grid.corners]
+        self.patient_ids = [stem] * len(self.ids)
         self.labels = None
         self._slide = None
 

@@ -31,6 +31,7 @@ from medfoundry.io_utils import hash_json, write_json_atomic
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import load_encoder_or_build, weights_hash
 from medfoundry.transforms.stain import MacenkoNormalizer
+from medfoundry.wsi.dicom import is_dicom_slide_folder
 from medfoundry.wsi.tiling import SLIDE_FILE_SUFFIXES, ReadPlan, open_slide, read_patches, read_tile
 
 log = logging.getLogger("medfoundry.wsi")
@@ -110,14 +111,17 @@ class EmbedSummary:
 
 
 def find_slides(inputs: Iterable[str | Path]) -> dict[str, Path]:
-    """Slide files by stem, from files and folders (folders are searched recursively)."""
+    """Slide files by stem, from files and folders (folders are searched recursively; a DICOM slide folder,
+    the ``.dcm`` instances of one slide, is found by its folder name)."""
     found: dict[str, Path] = {}
     for item in inputs:
         path = Path(item)
-        candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
+        candidates = sorted([path, *path.rglob("*")]) if path.is_dir() else [path]
         for candidate in candidates:
             if candidate.is_file() and candidate.suffix.lower() in SLIDE_FILE_SUFFIXES:
                 found.setdefault(candidate.stem, candidate)
+            elif candidate.is_dir() and is_dicom_slide_folder(candidate):
+                found.setdefault(candidate.name, candidate)
     return found
 
 
@@ -351,6 +355,20 @@ def _progress_bar(label: str, total: int, enabled: bool) -> Iterator[Callable[[i
         yield lambda n: bar.advance(task, n)
 
 
+def default_workers(device: torch.device) -> int:
+    """Tile-reading worker processes when the user gives none.
+
+    On a GPU the encoder leaves the CPU free: 4 workers keep it fed. On a CPU the workers compete with the
+    encoder's own threads: on 2 cores, no worker was faster (benchmarks/wsi.py: 0.71 of the bare forward pass
+    against 0.58 with 2 workers), while on more cores one worker takes JPEG decoding (about 4 ms a tile) off the
+    main process, whose share of the time grows as the forward pass gets faster.
+    """
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(4, cores)
+    return 0 if cores <= 2 else 1
+
+
 def loader_options(batch_size: int, num_workers: int, prefetch: int = 4) -> dict[str, Any]:
     options: dict[str, Any] = {
         "batch_size": batch_size,
@@ -369,7 +387,7 @@ def embed_slides(
     out_dir: str | Path,
     slides: Iterable[str | Path] | None = None,
     batch_size: int = 64,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     bf16: bool = False,
     img_size: int | None = None,
     device: str | None = None,
@@ -399,7 +417,7 @@ def embed_slides(
         model,
         weights_hash(built.backbone),
         out,
-        loader_options(batch_size, num_workers),
+        loader_options(batch_size, default_workers(target) if num_workers is None else num_workers),
         target,
         bf16,
         sys.stderr.isatty() if progress is None else progress,

@@ -1,6 +1,7 @@
 """Tissue tiling of whole-slide images into TRIDENT/CLAM-style coordinate files.
 
-A slide is opened with OpenSlide, tissue is found by Otsu's threshold on saturation in a low-resolution
+A slide is opened with OpenSlide (DICOM WSI with wsidicom, behind the same interface: ``wsi/dicom.py``),
+tissue is found by Otsu's threshold on saturation in a low-resolution
 thumbnail (H&E tissue is coloured; glass, dust and background are grey or white), and a non-overlapping
 level-0 grid is kept where at least ``min_tissue`` of each tile is tissue. Each slide gives
 ``patches/<stem>.h5`` (dataset ``coords`` with TRIDENT's attributes plus ``mpp`` and ``level``) and
@@ -29,7 +30,7 @@ from medfoundry.io_utils import atomic_path, write_json_atomic
 
 log = logging.getLogger("medfoundry.wsi")
 
-# Files a folder argument expands to. ``.dcm`` is listed so that DICOM slides get a clear skip reason.
+# Files a folder argument expands to (plus DICOM slide folders: the ``.dcm`` instances of one slide).
 SLIDE_FILE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".dcm")
 # Asking for a little finer than level 0 (0.49 um/px on a 0.499 slide) is a rounding matter, not a new resolution.
 UPSAMPLE_TOLERANCE = 0.05
@@ -84,26 +85,32 @@ class TileSummary:
 
 
 def open_slide(path: Path):  # noqa: ANN201 - openslide's type is not exported with annotations
-    """An OpenSlide handle, or ``DataError`` naming the file with the reason it cannot be read."""
+    """An OpenSlide handle, or ``DataError`` naming the file with the reason it cannot be read.
+
+    A ``.dcm`` file or a folder (the instances of one DICOM slide) opens as a
+    :class:`~medfoundry.wsi.dicom.DicomSlide`, which answers the same calls through wsidicom.
+    """
     import openslide
 
+    from medfoundry.wsi.dicom import DicomSlide, is_dicom_slide
+
     path = Path(path)
+    if not path.exists():
+        raise DataError("slide not found", path)
+    if is_dicom_slide(path):
+        return DicomSlide(path)
     if not path.is_file():
-        raise DataError("slide not found" if not path.exists() else "is not a file", path)
-    if path.suffix.lower() == ".dcm":
-        raise DataError(_dicom_reason(), path)
+        raise DataError("is not a file", path)
     try:
         return openslide.OpenSlide(str(path))
     except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as error:
         raise DataError(f"OpenSlide cannot read this slide ({error}); is it truncated or not a WSI?", path) from None
 
 
-def _dicom_reason() -> str:
-    try:
-        import wsidicom  # noqa: F401
-    except ImportError:
-        return "DICOM WSI needs the optional package wsidicom, which is not installed (pip install wsidicom)"
-    return "DICOM WSI (wsidicom) is not supported by the tiler yet; convert the slide to a pyramidal TIFF"
+def slide_stem(path: Path) -> str:
+    """The name outputs are called by: a file's stem, a DICOM slide folder's whole name (UIDs hold dots)."""
+    path = Path(path)
+    return path.name if path.is_dir() else path.stem
 
 
 def level0_mpp(slide, source: Path, mpp_override: float | None = None) -> float | None:  # noqa: ANN001
@@ -187,12 +194,19 @@ def read_thumbnail(slide, size: int, source: Path | None) -> np.ndarray:  # noqa
         raise DataError(f"cannot read a low-resolution level for the tissue mask ({error})", source) from None
 
 
+def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation, (max - min) / max, 0 for black. Equal to skimage's ``rgb2hsv(rgb)[..., 1]`` within float32
+    rounding, but about 5x faster: that computes hue and value in float64 too, and only saturation is needed."""
+    high = rgb.max(axis=-1).astype(np.float32)
+    low = rgb.min(axis=-1).astype(np.float32)
+    return np.where(high > 0, (high - low) / np.maximum(high, 1e-12), 0.0).astype(np.float32)
+
+
 def otsu_tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     """Boolean tissue mask: saturation above Otsu's threshold (and above 0.05, so all-glass slides stay empty)."""
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
-    saturation = rgb2hsv(thumbnail)[..., 1]
+    saturation = hsv_saturation(thumbnail)
     # Otsu on a near-constant thumbnail (all glass) would split noise; require a minimum saturation as well.
     threshold = max(threshold_otsu(saturation), 0.05) if saturation.max() > saturation.min() else 1.0
     return saturation > threshold
@@ -203,12 +217,14 @@ def close_mask(mask: np.ndarray, radius: int) -> np.ndarray:
     tissue counts as tissue, while background larger than ``radius`` mask pixels stays background."""
     if radius < 1:
         return mask
-    from scipy.ndimage import binary_closing
-    from skimage.morphology import disk
+    from skimage.morphology import closing, disk
 
     # Padding keeps tissue touching the border from being eroded by the closing's edge effects.
     padded = np.pad(mask, radius, mode="edge")
-    return binary_closing(padded, structure=disk(radius))[radius:-radius, radius:-radius]
+    # The disk as a sequence of small footprints: about 10x faster at the radii used here (~20 px on a 1024 px
+    # thumbnail), and within 0.3% of the exact disk's mask on CMU-1-Small-Region.
+    closed = closing(padded, disk(radius, decomposition="sequence"))
+    return closed[radius:-radius, radius:-radius].astype(bool)
 
 
 def grid_corners(dimensions: tuple[int, int], size0: int) -> np.ndarray:
@@ -330,7 +346,7 @@ def draw_thumbnail(
 
 def save_png(picture: Image.Image, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+        picture.save(tmp, format="PNG", compress_level=1)  # fast: thumbnails are previews
     return path
 
 
@@ -366,22 +382,33 @@ def tile_slide(
                 f"no tissue: no tile has at least {min_tissue:.0%} tissue (try a lower --min-tissue)", source
             )
         check_level_readable(slide, corners, plan, source)
-        attrs = coords_attrs(slide, plan, source.stem, source)
+        attrs = coords_attrs(slide, plan, slide_stem(source), source)
     finally:
         slide.close()
-    patches = write_patches(out_dir / "patches" / f"{source.stem}.h5", corners, attrs)
+    patches = write_patches(out_dir / "patches" / f"{slide_stem(source)}.h5", corners, attrs)
     picture = draw_thumbnail(thumbnail, mask, corners, plan.patch_size_level0, scale)
-    png = save_png(picture, out_dir / "thumbnails" / f"{source.stem}.png")
+    png = save_png(picture, out_dir / "thumbnails" / f"{slide_stem(source)}.png")
     return TileResult(source, patches, png, len(corners), plan.level, time.perf_counter() - started)
 
 
 def expand_slides(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given; folders expand to the slide files directly inside them (sorted)."""
+    """Files as given; a DICOM slide folder is one slide; other folders expand to the slide files and DICOM
+    slide folders directly inside them (sorted)."""
+    from medfoundry.wsi.dicom import is_dicom_slide_folder
+
     slides: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            slides.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_FILE_SUFFIXES))
+        if is_dicom_slide_folder(path):
+            slides.append(path)
+        elif path.is_dir():
+            slides.extend(
+                sorted(
+                    p
+                    for p in path.iterdir()
+                    if (p.is_file() and p.suffix.lower() in SLIDE_FILE_SUFFIXES) or is_dicom_slide_folder(p)
+                )
+            )
         else:
             slides.append(path)
     return slides
@@ -402,8 +429,8 @@ def tile_slides(
     summary = TileSummary()
     seen: dict[str, Path] = {}
     for source in expand_slides(slides):
-        if source.stem in seen:
-            reason = f"same name as {seen[source.stem]}; output files are named by slide stem"
+        if slide_stem(source) in seen:
+            reason = f"same name as {seen[slide_stem(source)]}; output files are named by slide stem"
             summary.skipped.append((source, reason))
             say(f"skipped {source}: {reason}")
             continue
@@ -413,7 +440,7 @@ def tile_slides(
             summary.skipped.append((source, _reason(error)))
             say(f"skipped {error}")
             continue
-        seen[source.stem] = source
+        seen[slide_stem(source)] = source
         summary.done.append(result)
         say(f"{source}: {result.tiles} tiles at level {result.level} ({result.seconds:.1f} s)")
     write_json_atomic(
