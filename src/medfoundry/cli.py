@@ -19,6 +19,8 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from medfoundry.cli_segment import segment_probe
+from medfoundry.cli_vlm import register as register_vlm_commands
 from medfoundry.cli_wsi import wsi_app
 from medfoundry.errors import MedfoundryError
 
@@ -32,6 +34,7 @@ models_app = typer.Typer(no_args_is_help=True, help="Backbones and checkpoints."
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(wsi_app, name="wsi", help="Whole-slide images: tile and embed (pathology).")
+app.command("segment-probe")(segment_probe)
 console = Console(stderr=True)
 _state = {"debug": False}
 
@@ -134,7 +137,7 @@ def pretrain(
         str | None,
         typer.Option(
             "--domain",
-            help="view preset: natural, pathology, radiology or ophthalmology (docs/views.md); "
+            help="view preset: natural, pathology, radiology, ophthalmology or oct (docs/views.md); "
             "-s pretrain.views.<field>=... overrides single fields",
         ),
     ] = None,
@@ -142,18 +145,25 @@ def pretrain(
         bool, typer.Option("--stop-on-collapse", help="stop when the collapse monitor fires")
     ] = False,
     method: Annotated[
-        str | None, typer.Option("--method", help="dino, ibot, simclr, mocov3, byol or mae (pretrain.method)")
+        str | None, typer.Option("--method", help="dino, ibot, simclr, mocov3, byol, mae or clip (pretrain.method)")
     ] = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="dataset spec to pre-train on (data.source)")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="dataset spec to pre-train on (data.source); clip: pairs.csv|json, vqa_rad:PATH"
+        ),
+    ] = None,
 ) -> None:
-    """SSL pre-training only; writes <output>/pretrain/encoder (a checkpoint folder)."""
+    """SSL pre-training only; writes <output>/pretrain/encoder (a checkpoint folder); --method clip: pretrain/clip."""
     from medfoundry.experiment import run_pretraining
 
     cfg = _experiment_config(config, pretrain_overrides(domain, stop_on_collapse, overrides, method, data), output)
     state = cfg.output_dir / "pretrain" / "state" / "last.pt"
-    if not resume and state.exists():
-        state.unlink()
+    if not resume:
+        state.unlink(missing_ok=True)  # missing_ok: under torchrun every rank removes it
     result = run_pretraining(cfg, resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for all
     status = "finished" if result.finished else f"stopped at step {result.steps}/{result.total_steps}"
     console.print(
         f"{status}; {result.images_per_second:.1f} img/s; encoder: {result.encoder_dir if result.finished else '-'}"
@@ -172,7 +182,10 @@ def embed_cmd(
     num_workers: Annotated[int, typer.Option(help="DataLoader workers")] = 0,
     img_size: Annotated[int | None, typer.Option(help="input size for a preset or timm name")] = None,
 ) -> None:
-    """Embed one split into HDF5 (features, ids, labels); reused when weights, preprocessing and data match."""
+    """Embed one split into HDF5 (features, ids, labels); reused when weights, preprocessing and data match.
+
+    Under torchrun the ranks embed shards and rank 0 merges them into the same file (docs/distributed.md).
+    """
     from medfoundry.adapt.embed import embed
     from medfoundry.data.registry import load_dataset
     from medfoundry.models.checkpoint import load_encoder_or_build
@@ -183,6 +196,8 @@ def embed_cmd(
     images = splits[split]
     encoder = load_encoder_or_build(model, images.num_channels, img_size)
     result = embed(encoder, images, out, batch_size, num_workers)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for all
     verb = "reused" if result.reused else f"wrote in {result.seconds:.1f} s"
     console.print(f"{out}: {result.features.shape[0]} x {result.features.shape[1]} features ({verb})")
 
@@ -308,11 +323,65 @@ def data_info(spec: Annotated[str, typer.Argument(help="dataset spec")]) -> None
 def models_list() -> None:
     """Named backbone presets (any timm model name works too)."""
     from medfoundry.models.backbones import list_backbones
+    from medfoundry.models.public import list_public_models
 
-    table = Table("name", "timm architecture", "description")
+    table = Table("name", "timm architecture", "description", title="Backbone presets (random init)")
     for row in list_backbones():
         table.add_row(*row)
     Console().print(table)
+    public = Table("name", "model", "domain", "token", "licence", title="Public foundation models (local weights)")
+    for entry in list_public_models():
+        # The full licence text (with its conditions) is in `models show NAME`.
+        licence = entry.licence.split(" (")[0].split(";")[0]
+        public.add_row(entry.name, entry.title, entry.domain, entry.token, licence)
+    Console().print(public)
+    Console().print("Load one with -m public:NAME:PATH (a local file or snapshot folder); details: models show NAME")
+
+
+@models_app.command("show")
+def models_show(name: Annotated[str, typer.Argument(help="public model name (see `models list`)")]) -> None:
+    """Architecture, preprocessing, token, licence and weight source of a public foundation model."""
+    from medfoundry.models.public import get_public_model
+
+    entry = get_public_model(name)
+    table = Table("field", "value", title=entry.title, show_header=False)
+    size = f"{entry.input_size} px" if entry.input_size else "any (fully convolutional)"
+    rows = {
+        "name": entry.name,
+        "domain": entry.domain,
+        "architecture": entry.architecture,
+        "timm builder": f"{entry.timm_name} {json.dumps(dict(entry.timm_kwargs))}",
+        "input": f"{entry.in_chans} channel(s), {size}",
+        "normalisation": f"mean {list(entry.mean)}, std {list(entry.std)} (on 0..1 values)",
+        "token": f"{entry.token} (Encoder pool '{entry.pool}')",
+        "licence": entry.licence,
+        "weights": entry.weights,
+        "usual file names": ", ".join(entry.weight_files) or "-",
+        "key layout": entry.key_format,
+        "test variant": json.dumps(dict(entry.test_kwargs)),
+        "notes": entry.notes or "-",
+        "load with": f"-m public:{entry.name}:/path/to/weights",
+    }
+    for field, value in rows.items():
+        table.add_row(field, escape(value))
+    Console().print(table)
+
+
+@models_app.command("export")
+def models_export(
+    checkpoint_dir: Annotated[Path, typer.Argument(help="checkpoint folder (config.json + model.safetensors)")],
+    out_dir: Annotated[Path, typer.Argument(help="output folder: timm / Hugging Face layout")],
+    licence: Annotated[str, typer.Option(help="licence written to the card and config")] = "apache-2.0",
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+) -> None:
+    """Export a checkpoint as a timm-loadable folder (safetensors, timm config.json, README.md model card)."""
+    from medfoundry.models.export import export_checkpoint
+
+    out = export_checkpoint(checkpoint_dir, out_dir, licence=licence, overwrite=overwrite)
+    console.print(f"{out}: checked with timm; timm.create_model('local-dir:{out.resolve()}', pretrained=True)")
+
+
+register_vlm_commands(app)  # zero-shot, retrieval (after the pipeline commands in --help)
 
 
 def main() -> None:

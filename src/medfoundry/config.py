@@ -80,7 +80,7 @@ class ViewsConfig(StrictModel):
     solarization_prob: float = 0.0
     # Domain presets (medfoundry.transforms.presets, docs/views.md) fill in the fields not set explicitly.
     # Frozen: the preset is applied when the config is built, so a later assignment could not re-apply it.
-    domain: Literal["natural", "pathology", "radiology", "ophthalmology"] = Field(
+    domain: Literal["natural", "pathology", "radiology", "ophthalmology", "oct"] = Field(
         "natural", frozen=True, description="view preset; 'natural' keeps the views above unchanged"
     )
     rot90_prob: float = Field(0.0, ge=0.0, le=1.0, description="90-degree rotation; with both flips at 0.5, all 8")
@@ -92,6 +92,9 @@ class ViewsConfig(StrictModel):
     affine_translate: float = Field(0.0, ge=0.0, le=1.0, description="random shift, a fraction of the crop size")
     affine_scale: tuple[float, float] = Field((1.0, 1.0), description="random zoom range after the crop")
     fov_mask: bool = Field(False, description="keep the circular field of view of fundus photos (black outside)")
+    speckle_sigma: float = Field(
+        0.0, ge=0.0, le=1.0, description="multiplicative speckle noise (OCT): x * (1 + s * N(0, 1)), s ~ U(0, sigma)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -194,8 +197,36 @@ class MAEConfig(StrictModel):
     norm_pix_loss: bool = True
 
 
+class CLIPConfig(StrictModel):
+    """CLIP-style image-text pre-training (medfoundry.vlm, docs/vision-language.md).
+
+    ``data.source`` names image-text pairs (pairs.csv, pairs.json or vqa_rad:PATH); ``model`` is the image
+    encoder. The text tower is a small BERT trained from scratch with a tokenizer trained on the training texts,
+    or the Hugging Face checkpoint folder ``text_checkpoint`` (which must hold a tokenizer.json).
+    """
+
+    embed_dim: int = Field(128, ge=8, description="shared image-text embedding size")
+    max_tokens: int = Field(128, ge=8, description="longer texts are truncated (and counted in a warning)")
+    # BPE by default: WordPiece training in Hugging Face tokenizers is not deterministic (tokenizers issue #1794),
+    # so two runs with the same seed would get different vocabularies.
+    tokenizer: Literal["bpe", "wordpiece"] = "bpe"
+    vocab_size: int = Field(4000, ge=100)
+    min_frequency: int = Field(2, ge=1)
+    text_checkpoint: Path | None = Field(None, description="local Hugging Face text model folder instead of scratch")
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    text_pooling: Literal["mean", "cls"] = "mean"
+    init_temperature: float = Field(0.07, gt=0)
+    max_logit_scale: float = Field(100.0, gt=1, description="CLIP clamps exp(logit_scale) at 100")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out images (split by patient/image)")
+    split_seed: int = 0
+    crop_scale: tuple[float, float] = Field((0.7, 1.0), description="random resized crop area range")
+
+
 class PretrainConfig(StrictModel):
-    method: Literal["dino", "ibot", "simclr", "mocov3", "byol", "mae"] = "dino"
+    method: Literal["dino", "ibot", "simclr", "mocov3", "byol", "mae", "clip"] = "dino"
     epochs: int = 20
     batch_size: int = 64
     lr: float = 5e-4
@@ -219,6 +250,7 @@ class PretrainConfig(StrictModel):
     mocov3: MoCoV3Config = MoCoV3Config()
     byol: BYOLConfig = BYOLConfig()
     mae: MAEConfig = MAEConfig()
+    clip: CLIPConfig = CLIPConfig()
 
 
 class EmbedConfig(StrictModel):
@@ -330,7 +362,9 @@ class SuiteEncoderConfig(StrictModel):
     with its random initial weights, the fair baseline for it)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-    checkpoint: Path | None = None
+    checkpoint: Path | None = Field(
+        None, description="a checkpoint folder, a public model from local weights (public:NAME:PATH) or 2.5d:FOLDER"
+    )
     backbone: str | None = None
     recipe: Path | None = Field(None, description="an ExperimentConfig YAML whose model and pretrain sections are used")
     untrained: bool = False
