@@ -25,3 +25,14 @@ def shared_data() -> Path:
 def breastmnist_npz() -> Path:
     """The BreastMNIST 28 px file bundled in the repo (always present)."""
     return BUNDLED_BREASTMNIST
+
+
+@pytest.fixture(scope="session")
+def ct_crops(shared_data: Path):  # noqa: ANN201 - an ImageSet; imported lazily to keep collection light
+    """Crops of 28^3 voxels (stride 14) of TotalSegmentator's example CT (3 mm): 42 crops."""
+    from medfoundry.data.nifti import load_nifti_crops
+
+    path = shared_data / "totalsegmentator_ct_examples" / "example_ct_sm.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return load_nifti_crops(path, crop_size=28, stride=14)["train"]

@@ -34,3 +34,23 @@ def write_breastmnist_subset(source: Path, dest: Path, n_train: int) -> Path:
         test_labels=archive["test_labels"],
     )
     return dest
+
+
+def direct_tile_features(encoder, slide_path: Path, patches_file: Path) -> np.ndarray:  # noqa: ANN001
+    """Features of a slide's tiles (as listed in a patches HDF5) by a plain forward pass, for comparison with
+    what ``embed_slides`` wrote."""
+    import torch
+
+    from medfoundry.adapt.embed import prepare_batch
+    from medfoundry.wsi.embedding import plan_from_attrs
+    from medfoundry.wsi.tiling import open_slide, read_patches, read_tile
+
+    coords, attrs = read_patches(patches_file)
+    handle = open_slide(slide_path)
+    try:
+        plan = plan_from_attrs(attrs, handle, patches_file)
+        tiles = np.stack([np.asarray(read_tile(handle, corner, plan)).transpose(2, 0, 1) for corner in coords])
+    finally:
+        handle.close()
+    with torch.inference_mode():
+        return encoder(prepare_batch(encoder, torch.from_numpy(tiles))).numpy()

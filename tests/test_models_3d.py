@@ -17,21 +17,12 @@ import torch.nn.functional as F
 import medfoundry.ssl.methods  # noqa: F401
 from medfoundry.adapt.embed import extract_features
 from medfoundry.config import PretrainConfig, ViewsConfig
-from medfoundry.data.nifti import load_nifti_crops
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import create_encoder, slice_encoder_from
 from medfoundry.models.checkpoint import load_encoder, save_encoder
 from medfoundry.models.slices import stack_slices
 from medfoundry.ssl.trainer import pretrain
-
-
-@pytest.fixture(scope="module")
-def ct_crops(shared_data: Path) -> ImageSet:
-    path = shared_data / "totalsegmentator_ct_examples" / "example_ct_sm.nii.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return load_nifti_crops(path, crop_size=28, stride=14)["train"]
 
 
 def _volumes(crops: ImageSet, n: int) -> torch.Tensor:

@@ -38,14 +38,6 @@ COMMON = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def ct_crops(shared_data: Path) -> ImageSet:
-    path = shared_data / "totalsegmentator_ct_examples" / "example_ct_sm.nii.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return load_nifti_crops(path, crop_size=28, stride=14)["train"]
-
-
 def test_encoder_normalises_pools_and_round_trips(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     encoder = create_encoder("vit3d_tiny_28", in_chans=1, pool="token+avg", seed=0, mean=(0.2,), std=(0.3,))

@@ -12,20 +12,18 @@ import h5py
 import numpy as np
 import pydicom
 import pytest
-import torch
+from helpers import direct_tile_features
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage, generate_uid
 from typer.testing import CliRunner
 
-from medfoundry.adapt.embed import prepare_batch
 from medfoundry.cli_wsi import wsi_app
 from medfoundry.errors import DataError
 from medfoundry.models.checkpoint import load_encoder_or_build
-from medfoundry.wsi import embed_slides, open_slide, read_patches, read_tile, tile_slides
+from medfoundry.wsi import embed_slides, open_slide, read_patches, tile_slides
 from medfoundry.wsi.dicom import DicomSlide
-from medfoundry.wsi.embedding import plan_from_attrs
 from medfoundry.wsi.tiling import expand_slides
 
 STEM = "CMU-1-Small-Region"
@@ -149,18 +147,6 @@ def test_dicom_slide_reads_like_the_svs(dicom: dict[str, Path], svs: Path, level
     single.close()
 
 
-def _direct_features(encoder: torch.nn.Module, slide_path: Path, patches: Path) -> np.ndarray:
-    coords, attrs = read_patches(patches)
-    handle = open_slide(slide_path)
-    try:
-        plan = plan_from_attrs(attrs, handle, patches)
-        tiles = np.stack([np.asarray(read_tile(handle, corner, plan)).transpose(2, 0, 1) for corner in coords])
-    finally:
-        handle.close()
-    with torch.inference_mode():
-        return encoder(prepare_batch(encoder, torch.from_numpy(tiles))).numpy()
-
-
 def _same_tiles(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two tile sets."""
     first, second = {tuple(c) for c in a}, {tuple(c) for c in b}
@@ -212,7 +198,7 @@ def test_embedding_matches_the_svs(dicom: dict[str, Path], svs: Path, tmp_path: 
             coords, features = h5["coords"][()], h5["features"][()]
             assert int(h5.attrs["level"]) == level and len(coords) > 10
         # The single DICOM's features against tiles read from the SVS itself; the folder's against its own tiles.
-        expected = _direct_features(encoder, reference, out / "patches" / f"{stem}.h5")
+        expected = direct_tile_features(encoder, reference, out / "patches" / f"{stem}.h5")
         np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import direct_tile_features
 from typer.testing import CliRunner
 
 from medfoundry.adapt.embed import prepare_batch
@@ -44,21 +45,10 @@ def embedded(patches: Path, slide: Path, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
-def _direct_features(slide: Path, patches: Path) -> np.ndarray:
-    coords, attrs = read_patches(patches / f"{STEM}.h5")
-    encoder = load_encoder_or_build(MODEL, in_chans=3, img_size=None).eval()
-    handle = open_slide(slide)
-    try:
-        plan = plan_from_attrs(attrs, handle, patches)
-        tiles = np.stack([np.asarray(read_tile(handle, corner, plan)).transpose(2, 0, 1) for corner in coords])
-    finally:
-        handle.close()
-    with torch.inference_mode():
-        return encoder(prepare_batch(encoder, torch.from_numpy(tiles))).numpy()
-
-
 def test_features_match_a_direct_forward_pass(embedded: Path, patches: Path, slide: Path) -> None:
-    expected = _direct_features(slide, patches)
+    expected = direct_tile_features(
+        load_encoder_or_build(MODEL, in_chans=3, img_size=None).eval(), slide, patches / f"{STEM}.h5"
+    )
     coords, _ = read_patches(patches / f"{STEM}.h5")
     with h5py.File(embedded / f"{STEM}.h5", "r") as h5:
         features, stored_coords, attrs = h5["features"][()], h5["coords"][()], dict(h5.attrs)

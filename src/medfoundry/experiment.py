@@ -32,7 +32,7 @@ from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore, evaluate_c
 from medfoundry.evaluate.report import format_summary_text, render_report, summarise_table
 from medfoundry.evaluate.results import ResultRecord, ResultsFile, run_metadata, write_results
 from medfoundry.io_utils import ensure_writable_dir, hash_json
-from medfoundry.models.backbones import Encoder, create_encoder, resolve_backbone
+from medfoundry.models.backbones import Encoder, encoder_from_config, resolve_backbone
 from medfoundry.models.checkpoint import load_encoder, weights_hash
 from medfoundry.ssl.trainer import PretrainResult, pretrain
 
@@ -69,16 +69,7 @@ def load_splits(config: ExperimentConfig) -> Splits:
 
 
 def build_encoder(config: ExperimentConfig) -> Encoder:
-    m = config.model
-    return create_encoder(
-        m.backbone,
-        in_chans=m.in_chans,
-        img_size=m.img_size,
-        pool=m.pool,
-        mean=tuple(m.mean) if m.mean else None,
-        std=tuple(m.std) if m.std else None,
-        seed=config.seed,
-    )
+    return encoder_from_config(config.model, config.seed)
 
 
 def unlabeled(images: ImageSet) -> ImageSet:

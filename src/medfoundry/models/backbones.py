@@ -286,6 +286,19 @@ def create_encoder(
     return Encoder(backbone, timm_name, kwargs, tuple(mean), tuple(std), pool)
 
 
+def encoder_from_config(model: Any, seed: int | None = None) -> Encoder:
+    """The encoder a recipe's ``model`` section (``medfoundry.config.ModelConfig``) describes, random weights."""
+    return create_encoder(
+        model.backbone,
+        in_chans=model.in_chans,
+        img_size=model.img_size,
+        pool=model.pool,
+        mean=tuple(model.mean) if model.mean else None,
+        std=tuple(model.std) if model.std else None,
+        seed=seed,
+    )
+
+
 def _accepted_kwargs(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     # CNNs in timm reject img_size; ViTs need it. Decide by family rather than by trial construction.
     if timm_name.startswith(("vit_", "deit", "eva", "beit", "swin")) or timm_name in _SIZED_ARCHITECTURES:

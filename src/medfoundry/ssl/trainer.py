@@ -189,7 +189,7 @@ def pretrain(
     step, started, images_seen = start_step, time.perf_counter(), 0
     stop_at = schedules.total_steps if stop_after_steps is None else min(stop_after_steps, schedules.total_steps)
     method.train()
-    with _progress(show_progress and env.is_main) as progress, _log_file(log_path, env) as log_file:
+    with training_progress(show_progress and env.is_main) as progress, _log_file(log_path, env) as log_file:
         task = progress.add_task(f"{config.method} pre-training", total=schedules.total_steps, completed=start_step)
         for batch in loader:
             if step >= stop_at:
@@ -344,7 +344,8 @@ def _tensorboard(output_dir: Path, config: PretrainConfig) -> Any:
     return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
 
 
-def _progress(enabled: bool) -> Progress:
+def training_progress(enabled: bool) -> Progress:
+    """The rich progress bar of training loops (SSL and CLIP); disabled, it prints nothing."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -21,15 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torchvision.transforms import v2
 
 from medfoundry.config import ExperimentConfig, ModelConfig, PretrainConfig
 from medfoundry.errors import DataError, MedfoundryError, ModelError
 from medfoundry.io_utils import atomic_path, ensure_writable_dir, hash_json, load_training_state, write_json_atomic
-from medfoundry.models.backbones import create_encoder, skips_weight_decay
+from medfoundry.models.backbones import encoder_from_config, skips_weight_decay
 from medfoundry.ssl.schedules import Schedules
-from medfoundry.ssl.trainer import PretrainResult
+from medfoundry.ssl.trainer import PretrainResult, training_progress
 from medfoundry.vlm.clip import CLIPModel, save_clip
 from medfoundry.vlm.pairs import PairSet, load_pair_images, load_pairs, split_pairs
 from medfoundry.vlm.text import (
@@ -92,15 +91,7 @@ def build_clip(
 ) -> tuple[CLIPModel, str]:
     """The untrained CLIP model and a description of its text tower."""
     clip = config.clip
-    encoder = create_encoder(
-        model_config.backbone,
-        in_chans=model_config.in_chans,
-        img_size=model_config.img_size,
-        pool=model_config.pool,
-        mean=tuple(model_config.mean) if model_config.mean else None,
-        std=tuple(model_config.std) if model_config.std else None,
-        seed=seed,
-    )
+    encoder = encoder_from_config(model_config, seed)
     if clip.text_checkpoint is not None:
         text_model, source = load_text_model(clip.text_checkpoint), f"checkpoint {clip.text_checkpoint}"
     else:
@@ -190,7 +181,7 @@ def train_clip(
 
     step, started = start_step, time.perf_counter()
     model.train()
-    with _progress(show_progress) as progress, (output_dir / "log.jsonl").open("a") as log_file:
+    with training_progress(show_progress) as progress, (output_dir / "log.jsonl").open("a") as log_file:
         task = progress.add_task("clip", total=schedules.total_steps, completed=start_step)
         while step < stop_at:
             values = schedules.at(step)
@@ -314,15 +305,4 @@ def run_clip_pretraining(config: ExperimentConfig, resume: bool = True, show_pro
         / max(result.seconds, 1e-9),
         collapsed=False,
         resumed_from_step=result.resumed_from_step,
-    )
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
     )
