@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/medfoundry run configs/demo/breastmnist_dino.yaml
+	$(VENV)/bin/medfoundry run configs/demo/breastmnist_simclr.yaml
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from embed_throughput import measure_throughput  # noqa: E402
 
+from medfoundry.bench.run import run_experiment  # noqa: E402
 from medfoundry.config import ExperimentConfig, load_config  # noqa: E402
-from medfoundry.experiment import run_experiment  # noqa: E402
 
 TARGETS = {("linear", 0.1): 0.78, ("linear", 1.0): 0.82}
 

@@ -26,11 +26,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from medfoundry.adapt.embed import embed, extract_features
 from medfoundry.data.registry import load_dataset
 from medfoundry.data.sample import ArrayImageSet
 from medfoundry.models.backbones import Encoder, create_encoder
 from medfoundry.models.checkpoint import encoder_config
+from medfoundry.models.features import embed, extract_features
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / "data" / "breastmnist" / "breastmnist.npz"

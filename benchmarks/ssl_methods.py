@@ -37,18 +37,17 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch.utils.data import DataLoader, Dataset
 
-import medfoundry.ssl.methods  # noqa: F401  (registers the methods)
-from medfoundry.adapt.embed import extract_features
 from medfoundry.adapt.knn import KNNProbe
 from medfoundry.adapt.linear import LinearProbe
+from medfoundry.bench.run import build_encoder
 from medfoundry.config import ExperimentConfig, PretrainConfig, load_config
 from medfoundry.data.registry import load_dataset
 from medfoundry.data.sample import ImageSet
 from medfoundry.data.splits import patient_split
 from medfoundry.evaluate.metrics import auroc
-from medfoundry.experiment import build_encoder
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import load_encoder
+from medfoundry.models.features import extract_features
 from medfoundry.ssl.base import SSL_METHODS
 from medfoundry.ssl.trainer import pretrain
 from medfoundry.ssl.views import to_pil

@@ -32,8 +32,8 @@ import h5py
 import numpy as np
 import torch
 
-from medfoundry.adapt.embed import prepare_batch
 from medfoundry.models.backbones import Encoder, create_encoder
+from medfoundry.models.features import prepare_batch
 from medfoundry.wsi import embed_slides, read_patches, tile_slides
 from medfoundry.wsi.embedding import SlideTiles, default_workers, plan_from_attrs
 from medfoundry.wsi.tiling import open_slide

@@ -41,7 +41,7 @@ def direct_tile_features(encoder, slide_path: Path, patches_file: Path) -> np.nd
     what ``embed_slides`` wrote."""
     import torch
 
-    from medfoundry.adapt.embed import prepare_batch
+    from medfoundry.models.features import prepare_batch
     from medfoundry.wsi.embedding import plan_from_attrs
     from medfoundry.wsi.tiling import open_slide, read_patches, read_tile
 

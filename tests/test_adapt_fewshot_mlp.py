@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 from medfoundry.adapt.fewshot import PrototypeClassifier, sample_shots
 from medfoundry.adapt.mlp import MLPProbe
 from medfoundry.adapt.registry import create_adapter
+from medfoundry.bench.run import run_experiment
 from medfoundry.config import AdaptConfig, ExperimentConfig, load_config
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.data.registry import load_dataset
@@ -19,7 +20,6 @@ from medfoundry.data.splits import label_fraction_indices
 from medfoundry.errors import DataError
 from medfoundry.evaluate.metrics import auroc
 from medfoundry.evaluate.results import read_results
-from medfoundry.experiment import run_experiment
 
 torch.set_num_threads(1)
 threadpool_limits(1)
@@ -134,7 +134,8 @@ def test_mlp_picks_alpha_by_val_auroc_beats_chance_and_is_seeded(
     breast: Features, breast_subset: tuple[np.ndarray, np.ndarray]
 ) -> None:
     (x, y), (xv, yv), (xt, yt) = breast_subset, breast["val"], breast["test"]
-    probe = MLPProbe(**SMALL_MLP, seed=0).fit(x, y, xv, yv)
+    # The earlier protocol, alpha chosen on the validation split: still offered as selection="val".
+    probe = MLPProbe(**SMALL_MLP, seed=0, selection="val").fit(x, y, xv, yv)
     assert sorted(probe.val_scores_) == sorted(SMALL_MLP["alpha_grid"])
     assert probe.val_scores_[probe.alpha_] == max(probe.val_scores_.values())
     assert probe.model_[-1].alpha == probe.alpha_
@@ -142,14 +143,31 @@ def test_mlp_picks_alpha_by_val_auroc_beats_chance_and_is_seeded(
     proba = probe.predict_proba(xt)
     _check_proba(proba, len(yt), 2)
     assert auroc(yt, proba) > 0.6
-    np.testing.assert_array_equal(MLPProbe(**SMALL_MLP, seed=0).fit(x, y, xv, yv).predict_proba(xt), proba)
-    assert not np.allclose(MLPProbe(**SMALL_MLP, seed=1).fit(x, y, xv, yv).predict_proba(xt), proba)
+    np.testing.assert_array_equal(
+        MLPProbe(**SMALL_MLP, seed=0, selection="val").fit(x, y, xv, yv).predict_proba(xt), proba
+    )
+    assert not np.allclose(MLPProbe(**SMALL_MLP, seed=1, selection="val").fit(x, y, xv, yv).predict_proba(xt), proba)
 
 
 def test_mlp_without_validation_uses_middle_of_grid(breast_subset: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = breast_subset
-    probe = MLPProbe(hidden_dim=16, alpha_grid=(0.01, 0.1, 1.0), max_iter=30).fit(x, y)
+    probe = MLPProbe(hidden_dim=16, alpha_grid=(0.01, 0.1, 1.0), max_iter=30, selection="val").fit(x, y)
     assert probe.alpha_ == 0.1 and probe.val_scores_ == {}
+
+
+def test_mlp_picks_alpha_by_cross_validation_inside_the_labelled_subset(
+    breast: Features, breast_subset: tuple[np.ndarray, np.ndarray]
+) -> None:
+    (x, y), (xv, yv), (xt, yt) = breast_subset, breast["val"], breast["test"]
+    probe = MLPProbe(**SMALL_MLP, seed=0).fit(x, y, xv, yv)
+    assert probe.selection_ == "cv" and probe.val_scores_ == {}
+    assert sorted(probe.cv_scores_) == sorted(SMALL_MLP["alpha_grid"])
+    assert probe.cv_scores_[probe.alpha_] == max(probe.cv_scores_.values())
+    assert probe.model_[-1].alpha == probe.alpha_
+    assert probe.threshold_ is not None and 0.0 < probe.threshold_ < 1.0
+    # Nothing of the validation split is used: without it the fit is the same.
+    np.testing.assert_array_equal(MLPProbe(**SMALL_MLP, seed=0).fit(x, y).predict_proba(xt), probe.predict_proba(xt))
+    assert auroc(yt, probe.predict_proba(xt)) > 0.6
 
 
 @pytest.mark.parametrize("name", ["fewshot", "mlp"])
@@ -173,6 +191,7 @@ def test_create_adapter_passes_config() -> None:
     mlp = create_adapter("mlp", config, seed=4, n_classes=2)
     assert isinstance(mlp, MLPProbe)
     assert (mlp.hidden_dim, mlp.alpha_grid, mlp.max_iter, mlp.seed) == (8, (0.5,), 7, 4)
+    assert (mlp.selection, fewshot.selection) == ("cv", "cv")
 
 
 def test_run_experiment_with_fewshot_and_mlp(breastmnist_npz: Path, tmp_path: Path) -> None:
@@ -205,7 +224,7 @@ def test_run_experiment_with_fewshot_and_mlp(breastmnist_npz: Path, tmp_path: Pa
     out = run_experiment(config, show_progress=False, echo=lambda _: None)
     records = read_results(out.results_path).records
     assert {(r.model, r.adapter) for r in records} == {("dino", "fewshot"), ("dino", "mlp")}
-    assert len(records) == 2 * 3  # adapters x metrics, one fraction and seed
+    assert len(records) == 2 * 4  # adapters x metrics (binary: auroc, balanced accuracy, F1, ECE), one fraction, seed
     for record in records:
         assert record.n_train == 64 and record.n_test == 156
         assert 0.0 <= record.value <= 1.0

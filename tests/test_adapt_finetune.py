@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from medfoundry.adapt.embed import prepare_batch
 from medfoundry.adapt.finetune import FineTuner, layer_decay_param_groups
+from medfoundry.bench.run import run_experiment
 from medfoundry.config import ExperimentConfig, load_config
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import ModelError
 from medfoundry.evaluate.metrics import auroc
 from medfoundry.evaluate.results import read_results
-from medfoundry.experiment import run_experiment
 from medfoundry.models.backbones import create_encoder
 from medfoundry.models.checkpoint import load_encoder, save_encoder
+from medfoundry.models.features import prepare_batch
 
 NPZ = Path(__file__).resolve().parents[1] / "data" / "breastmnist" / "breastmnist.npz"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,11 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from medfoundry.adapt.embed import embed
-from medfoundry.adapt.knn import KNNProbe
+from medfoundry.adapt import knn as knn_module
+from medfoundry.adapt.knn import KNNProbe, adaptive_k
 from medfoundry.adapt.linear import LinearProbe
-from medfoundry.adapt.registry import create_adapter
+from medfoundry.adapt.registry import ADAPTERS, create_adapter
+from medfoundry.adapt.selection import cv_folds, youden_threshold
 from medfoundry.adapt.supervised import SupervisedFromScratch
 from medfoundry.config import AdaptConfig, SupervisedBaselineConfig
 from medfoundry.data.registry import load_dataset
@@ -21,6 +23,7 @@ from medfoundry.data.splits import label_fraction_indices
 from medfoundry.errors import MedfoundryError
 from medfoundry.evaluate.metrics import auroc
 from medfoundry.models.backbones import create_encoder
+from medfoundry.models.features import embed
 
 torch.set_num_threads(1)
 threadpool_limits(1)
@@ -44,7 +47,8 @@ def feats(splits: Splits) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 @pytest.fixture(scope="module")
 def linear(feats: dict[str, tuple[np.ndarray, np.ndarray]]) -> LinearProbe:
     (x, y), (xv, yv) = feats["train"], feats["val"]
-    return LinearProbe(c_grid=C_GRID, seed=0).fit(x, y, xv, yv)
+    # The earlier protocol, C chosen on the validation split: still offered as selection="val".
+    return LinearProbe(c_grid=C_GRID, seed=0, selection="val").fit(x, y, xv, yv)
 
 
 def _check_proba(proba: np.ndarray, n: int, n_classes: int = 2) -> None:
@@ -74,8 +78,9 @@ def test_linear_probe_beats_chance(linear: LinearProbe, feats: dict) -> None:
 
 def test_linear_probe_without_validation_uses_middle_of_grid(feats: dict) -> None:
     x, y = feats["train"]
-    probe = LinearProbe(c_grid=(0.01, 0.1, 1.0), seed=0).fit(x[:100], y[:100])
+    probe = LinearProbe(c_grid=(0.01, 0.1, 1.0), seed=0, selection="val").fit(x[:100], y[:100])
     assert probe.C_ == 0.1 and probe.val_scores_ == {}
+    assert probe.selection_ == "default" and probe.threshold_ is None
 
 
 def test_knn_beats_chance(feats: dict) -> None:
@@ -141,6 +146,11 @@ def test_create_adapter() -> None:
     assert isinstance(knn, KNNProbe) and (knn.k, knn.temperature, knn.n_classes) == (7, 0.1, 2)
     linear = create_adapter("linear", config, seed=3, n_classes=2)
     assert isinstance(linear, LinearProbe) and linear.c_grid == (0.5, 2.0) and linear.seed == 3
+    assert (linear.selection, linear.folds, knn.selection, knn.folds) == ("cv", 5, "cv", 5)
+    earlier = AdaptConfig(selection="val", selection_folds=3)
+    assert create_adapter("linear", earlier, seed=0, n_classes=2).selection == "val"
+    assert create_adapter("knn", earlier, seed=0, n_classes=2).folds == 3
+    assert create_adapter("knn", AdaptConfig(), seed=0, n_classes=2).k is None
     with pytest.raises(MedfoundryError, match="unknown adapter 'lora'; known: fewshot, knn, linear, mlp"):
         create_adapter("lora", config, seed=0, n_classes=2)
 
@@ -171,3 +181,95 @@ def test_supervised_from_scratch_keeps_best_val_state(splits: Splits) -> None:
     np.testing.assert_allclose(model.predict_proba(val), model.evaluations_[best], rtol=0, atol=1e-6)
     proba = model.predict_proba(test)
     _check_proba(proba, 156)
+
+
+def test_cv_selection_looks_only_inside_the_labelled_subset(feats: dict) -> None:
+    (x, y), (xv, yv) = feats["train"], feats["val"]
+    index = label_fraction_indices(y, 0.1, seed=0)
+    probe = LinearProbe(c_grid=C_GRID, seed=0).fit(x[index], y[index], xv, yv)
+    assert probe.selection_ == "cv" and probe.val_scores_ == {} and sorted(probe.cv_scores_) == sorted(C_GRID)
+    assert probe.cv_scores_[probe.C_] == max(probe.cv_scores_.values())
+    # The validation split plays no part: dropping it, or giving a different one, changes nothing.
+    without = LinearProbe(c_grid=C_GRID, seed=0).fit(x[index], y[index])
+    assert (without.C_, without.cv_scores_, without.threshold_) == (probe.C_, probe.cv_scores_, probe.threshold_)
+    np.testing.assert_array_equal(without.predict_proba(xv), probe.predict_proba(xv))
+    # Each score is the AUROC of the pooled out-of-fold probabilities over min(5, smallest class) stratified folds.
+    folds = cv_folds(y[index])
+    assert len(folds) == min(5, int(np.bincount(y[index]).min()))
+    for c in C_GRID:
+        oof = np.zeros((len(index), 2))
+        for train, test in folds:
+            model = LinearProbe(c_grid=(c,), selection="val").fit(x[index][train], y[index][train])
+            oof[test] = model.predict_proba(x[index][test])
+        assert probe.cv_scores_[c] == pytest.approx(auroc(y[index], oof))
+        if c == probe.C_:
+            assert probe.threshold_ == youden_threshold(y[index], oof[:, 1])
+    assert probe.model_[-1].C == probe.C_ and 0.0 < probe.threshold_ < 1.0
+
+
+def test_cv_folds_follow_the_smallest_class_and_fall_back_below_two(feats: dict) -> None:
+    (x, y), (xv, yv) = feats["train"], feats["val"]
+    two_and_four = np.concatenate([np.flatnonzero(y == 0)[:2], np.flatnonzero(y == 1)[:4]])  # 1% of BreastMNIST
+    assert [len(test) for _, test in cv_folds(y[two_and_four])] == [3, 3]
+    assert all(set(y[two_and_four][test]) == {0, 1} for _, test in cv_folds(y[two_and_four]))
+    one_case = np.concatenate([np.flatnonzero(y == 0)[:1], np.flatnonzero(y == 1)[:8]])
+    assert cv_folds(y[one_case]) == [] and cv_folds(np.ones(5, dtype=int)) == []
+    # A class with one case leaves nothing to cross-validate: the middle of the grid, no threshold.
+    probe = LinearProbe(c_grid=(0.01, 0.1, 1.0), seed=0).fit(x[one_case], y[one_case], xv, yv)
+    assert (probe.selection_, probe.C_, probe.cv_scores_, probe.threshold_) == ("default", 0.1, {}, None)
+    multilabel = np.column_stack([y, 1 - y, y])[:40]
+    assert len(cv_folds(multilabel)) == min(5, int(min(multilabel[:, 0].sum(), 40 - multilabel[:, 0].sum())))
+
+
+def test_youden_threshold_by_hand() -> None:
+    y = np.array([0, 0, 1, 1])
+    # Perfect separation between 0.2 and 0.7: the cut is half-way between them.
+    assert youden_threshold(y, np.array([0.1, 0.2, 0.7, 0.9])) == pytest.approx(0.45)
+    # J = 0.5 at p >= 0.8 and at p >= 0.35; the higher cut wins, half-way down to the next score (0.4).
+    assert youden_threshold(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.6)
+    # No cut beats chance, or one class only: no threshold.
+    assert youden_threshold(np.array([0, 1]), np.array([0.9, 0.1])) is None
+    assert youden_threshold(np.array([1, 1]), np.array([0.9, 0.1])) is None
+
+
+def test_knn_k_follows_the_training_set_and_is_logged_once(
+    feats: dict, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (x, y), xt = feats["train"], feats["test"][0]
+    monkeypatch.setattr(knn_module, "_LOGGED_REDUCTIONS", set())  # other tests' fits may have logged already
+    index = label_fraction_indices(y, 36 / 546, seed=0)
+    assert len(index) == 36
+    with caplog.at_level(logging.INFO, logger="medfoundry.adapt"):
+        probe = KNNProbe().fit(x[index], y[index])
+        KNNProbe().fit(x[index], y[index])
+    assert probe.k_ == probe.model_.n_neighbors == 6  # round(sqrt(36))
+    assert [r.getMessage() for r in caplog.records if "kNN uses k=" in r.getMessage()] == [
+        "kNN uses k=6 for 36 training cases (round(sqrt(n)), at most 20)"
+    ]
+    assert KNNProbe().fit(x, y).k_ == 20  # sqrt(546) = 23.4, capped at the DINO protocol's 20
+    assert adaptive_k(1) == 1 and adaptive_k(7, k=20) == 7 and adaptive_k(100, k=3) == 3
+    _check_proba(probe.predict_proba(xt), 156)
+
+
+def test_binary_adapters_choose_a_threshold_on_their_selection_data(feats: dict) -> None:
+    (x, y), (xv, yv) = feats["train"], feats["val"]
+    index = label_fraction_indices(y, 0.1, seed=1)
+    for name in ("knn", "fewshot"):
+        cv = create_adapter(name, AdaptConfig(), seed=0, n_classes=2).fit(x[index], y[index], xv, yv)
+        assert cv.threshold_ is not None and 0.0 < cv.threshold_ < 1.0, name
+        val = create_adapter(name, AdaptConfig(selection="val"), seed=0, n_classes=2).fit(x[index], y[index], xv, yv)
+        assert val.threshold_ == youden_threshold(yv, val.predict_proba(xv)[:, 1]), name
+    # Multi-class: the arg-max decides, no threshold.
+    three = create_adapter("linear", AdaptConfig(linear_c_grid=[1.0]), seed=0, n_classes=3)
+    assert three.fit(x[:60], y[:60]).threshold_ is None
+
+
+@pytest.mark.parametrize("name", ["linear", "knn", "fewshot", "mlp"])
+def test_deterministic_metadata_says_whether_the_seed_can_change_the_fit(feats: dict, name: str) -> None:
+    (x, y), (xt, _) = feats["train"], feats["test"]
+    index = label_fraction_indices(y, 0.1, seed=0)
+    config = AdaptConfig(linear_c_grid=[0.1, 10.0], mlp_hidden_dim=16, mlp_alpha_grid=[1.0], mlp_max_iter=50)
+    fits = [create_adapter(name, config, seed=seed, n_classes=2).fit(x[index], y[index]) for seed in (0, 5)]
+    same = np.array_equal(fits[0].predict_proba(xt), fits[1].predict_proba(xt))
+    assert ADAPTERS.metadata(name)["deterministic"] is same
+    assert same is (name != "mlp")

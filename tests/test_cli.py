@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,7 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str | Path], list[str]]]:
         ),
         "unknown config key": (
             ["run", "-s", "pretrain.epoch=3", "-o", tmp / "out_key"],
-            ["invalid config", "pretrain.epoch", "Extra inputs are not permitted"],
+            ["invalid config", "pretrain.epoch", "unknown key; did you mean 'pretrain.epochs'"],
         ),
         "missing YAML config": (
             ["run", tmp / "missing.yaml", "-o", tmp / "out_yaml"],
@@ -142,6 +143,7 @@ def runs(work: Path, breastmnist_npz: Path) -> dict[str, subprocess.CompletedPro
         "data info": ["data", "info", "data/breastmnist/breastmnist.npz"],
         "embed": _embed_args(breastmnist_npz, work / "x.h5"),
         "report": ["report", work / "report" / "results.json"],
+        "version": ["--version"],
     }
     with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
         futures = {name: pool.submit(_cli, *args) for name, args in commands.items()}
@@ -170,6 +172,12 @@ def test_debug_shows_the_traceback(runs: dict[str, subprocess.CompletedProcess[s
     assert result.returncode != 0
     assert "Traceback" in result.stderr
     assert "MedfoundryError" in result.stderr and "config file does not exist" in result.stderr
+
+
+def test_version(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    result = runs["version"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"medfoundry {version('medfoundry')}"
 
 
 def test_models_list(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
@@ -214,9 +222,9 @@ def test_report(runs: dict[str, subprocess.CompletedProcess[str]], work: Path) -
 @pytest.mark.parametrize("override", ["model.backbone=not_a_model", "supervised_baseline.backbone=resnet_nope"])
 def test_model_names_are_checked_before_pretraining(override: str, tmp_path: Path) -> None:
     # In-process (one import of the pipeline for both cases): either bad name must fail before pre-training.
+    from medfoundry.bench.run import run_experiment
     from medfoundry.config import ExperimentConfig, load_config
     from medfoundry.errors import ModelError
-    from medfoundry.experiment import run_experiment
 
     config = load_config(ExperimentConfig, None, [override, f"output_dir={tmp_path / 'out'}"])
     config = config.model_copy(update={"data": config.data.model_copy(update={"source": str(BUNDLED)})})
@@ -225,3 +233,72 @@ def test_model_names_are_checked_before_pretraining(override: str, tmp_path: Pat
         run_experiment(config, show_progress=False, echo=echoed.append)
     assert echoed == []
     assert not (tmp_path / "out" / "pretrain").exists()
+
+
+# The osteosarcoma manifest names its image column "file" and labels by index, so it needs reader options.
+OSTEO_OPTIONS = ["-o", "path_column=file", "-o", "label_column=label_index", "-o", "class_name_column=label"]
+
+
+def _bad_option_cases(csv: Path, tmp: Path) -> dict[str, tuple[list[str | Path], list[str]]]:
+    """name -> (arguments, texts the one error line must contain)."""
+    embed = ["embed", "--model", "vit_tiny_28", "--data", csv, "--split", "train", "--out", tmp / "bad.h5"]
+    return {
+        "unknown reader option": (
+            ["data", "info", csv, "-o", "file_column=file"],
+            ["unknown option file_column for reader csv; known: ", "path_column", "image_size", "channels"],
+        ),
+        "option value of the wrong type": (
+            [*embed, *OSTEO_OPTIONS, "-o", "image_size=abc"],
+            ["option image_size for reader csv: 'abc' does not fit int | tuple[int, int] | None"],
+        ),
+        "option without a value": (
+            [*embed, "-o", "path_column"],
+            ["reader option 'path_column' is not of the form KEY=VALUE"],
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def option_runs(work: Path, shared_data: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    csv = shared_data / "osteosarcoma_tcia_tiles_60" / "labels.csv"
+    commands: dict[str, list[str | Path]] = {name: args for name, (args, _) in _bad_option_cases(csv, work).items()}
+    commands |= {
+        "data info": ["data", "info", csv, *OSTEO_OPTIONS, "-o", "image_size=64", "--option", "channels=3"],
+        "embed": [
+            *["embed", "--model", "vit_tiny_28", "--data", csv, "--split", "train", "--out", work / "osteo.h5"],
+            *[*OSTEO_OPTIONS, "-o", "image_size=28", "-o", "channels=1"],
+        ],
+    }
+    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(_cli, *args) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def test_data_info_with_reader_options(option_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    result = option_runs["data info"]
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"train\W+60\W", result.stdout)
+    assert "(3, 64, 64)" in result.stdout
+    assert "[20, 20, 20]" in result.stdout
+
+
+def test_embed_with_reader_options(option_runs: dict[str, subprocess.CompletedProcess[str]], work: Path) -> None:
+    result = option_runs["embed"]
+    assert result.returncode == 0, result.stderr
+    assert "60 x 192 features (wrote in" in _flat(result.stderr)
+    assert (work / "osteo.h5").is_file()
+
+
+@pytest.mark.parametrize("case", list(_bad_option_cases(Path("/tmp/labels.csv"), Path("/tmp"))))
+def test_bad_reader_option_gives_one_clear_line(
+    case: str, option_runs: dict[str, subprocess.CompletedProcess[str]], work: Path, shared_data: Path
+) -> None:
+    result = option_runs[case]
+    expected = _bad_option_cases(shared_data / "osteosarcoma_tcia_tiles_60" / "labels.csv", work)[case][1]
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    for text in expected:
+        assert text in lines[0]
+    assert not (work / "bad.h5").exists()

@@ -317,3 +317,63 @@ def test_patient_regex_groups_and_fallback(tmp_path: Path, kermany: dict[str, li
     assert either.patient_ids == ["oth", "s01", "s01", "s02"]
     expect_data_error(lambda: load_image_folder(tmp_path, patient_regex=r"^s\d+"), tmp_path, "needs a group")
     expect_data_error(lambda: load_image_folder(tmp_path, patient_regex=r"(s"), tmp_path, "not a valid regular")
+
+
+# --- issue 15: missing-value labels, ids that tell files apart, patients out of a tile id --------------------------
+
+
+def _tiny_pngs(folder: Path, names: list[str]) -> None:
+    for index, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((4, 4), 20 * index + 5, dtype=np.uint8)).save(folder / name)
+
+
+@pytest.mark.parametrize("cell", ["nan", "NaN", "NA", "N/A", "null", "None", ""])
+def test_missing_value_label_names_file_column_and_row(tmp_path: Path, cell: str) -> None:
+    # Before: "nan" became a third class sorted between "benign" and "malignant", silently.
+    _tiny_pngs(tmp_path, ["a.png", "b.png", "c.png"])
+    rows = [["a.png", "benign"], ["b.png", cell], ["c.png", "malignant"]]
+    csv_path = _write_csv(tmp_path / "labels.csv", ["path", "diagnosis"], rows)
+    expect_data_error(
+        lambda: load_manifest(csv_path, label_column="diagnosis"), csv_path, "row 3", "missing label", "'diagnosis'"
+    )
+    assert load_manifest(csv_path, label_column=None)["train"].labels is None  # read unlabelled on request
+
+
+def test_same_stem_with_two_suffixes_gets_two_ids(tmp_path: Path) -> None:
+    # x.png and x.jpg used to both become sample "x": two images, one id.
+    _tiny_pngs(tmp_path, ["x.png", "x.jpg", "y.png"])
+    csv_path = _write_csv(tmp_path / "m.csv", ["path", "label"], [["x.png", "0"], ["x.jpg", "1"], ["y.png", "0"]])
+    assert load_manifest(csv_path)["train"].ids == ["x.png", "x.jpg", "y.png"]
+    csv_path = _write_csv(tmp_path / "n.csv", ["path", "label"], [["x.png", "0"], ["y.png", "1"]])
+    assert load_manifest(csv_path)["train"].ids == ["x", "y"]  # stems when they are unique
+
+
+def test_patient_regex_and_patient_splits(tmp_path: Path) -> None:
+    names = [f"t{i}.png" for i in range(6)]
+    _tiny_pngs(tmp_path, names)
+    tiles = ["Case-3-A1-0-0", "Case-3-A2-5-5", "Case-48-P5-C1-1-1", "P9-B1-2-2", "Case-4-C1-3-3", "odd"]
+    rows = [[name, str(i % 2), tile] for i, (name, tile) in enumerate(zip(names, tiles, strict=True))]
+    csv_path = _write_csv(tmp_path / "m.csv", ["path", "label", "tile"], rows)
+    options = dict(patient_column="tile", patient_regex=r"^(Case-\d+|P\d+)-")
+    assert load_manifest(csv_path, **options)["train"].patient_ids == [
+        "Case-3",
+        "Case-3",
+        "Case-48",
+        "P9",
+        "Case-4",
+        "odd",  # no match: the value is kept whole
+    ]
+    splits = load_manifest(csv_path, **options, patient_splits={"test": ["Case-4"], "val": ["P9", "odd"]})
+    assert {name: images.ids for name, images in splits.items()} == {
+        "train": ["t0", "t1", "t2"],
+        "val": ["t3", "t5"],
+        "test": ["t4"],
+    }
+    expect_data_error(
+        lambda: load_manifest(csv_path, **options, patient_splits={"test": ["Case-5"]}), csv_path, "['Case-5']"
+    )
+    twice = {"test": ["P9"], "val": ["P9"]}
+    expect_data_error(lambda: load_manifest(csv_path, **options, patient_splits=twice), csv_path, "both 'test'")
+    with_split = _write_csv(tmp_path / "s.csv", ["path", "label", "split"], [["t0.png", "0", "train"]])
+    expect_data_error(lambda: load_manifest(with_split, patient_splits={"test": ["t0"]}), with_split, "not both")

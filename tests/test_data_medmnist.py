@@ -175,3 +175,26 @@ def test_unsupported_shape(tmp_path: Path, breast: dict) -> None:
         val_labels=breast["val_labels"],
     )
     _expect_error(path, "unsupported shape (78, 784)")
+
+
+def test_negative_labels_rejected(tmp_path: Path, breast: dict) -> None:
+    # A -1 ("unknown") used to pass as a class index and index the last class downstream.
+    labels = breast["val_labels"].astype(np.int64).reshape(-1)
+    labels[[6, 30]] = -1
+    path = _save(tmp_path / "neg.npz", val_images=breast["val_images"], val_labels=labels)
+    _expect_error(path, "val_labels", "2 negative label(s)", "index 6")
+    multilabel = np.zeros((78, 3), dtype=np.int64)
+    multilabel[12, 2] = -1
+    path = _save(tmp_path / "negml.npz", val_images=breast["val_images"], val_labels=multilabel)
+    _expect_error(path, "val_labels", "1 negative label(s)", "index 12")
+
+
+def test_complex_images_and_labels_rejected(tmp_path: Path, breast: dict) -> None:
+    # Casting to float would keep the real part only (raw k-space saved instead of magnitudes).
+    images = breast["val_images"].astype(np.complex64) * (1 + 1j)
+    path = _save(tmp_path / "complex.npz", val_images=images, val_labels=breast["val_labels"])
+    _expect_error(path, "val_images", "complex")
+    path = _save(tmp_path / "clabels.npz", val_images=breast["val_images"], val_labels=breast["val_labels"] + 0j)
+    _expect_error(path, "val_labels", "complex")
+    with pytest.raises(DataError, match="complex"):
+        ArrayImageSet("k", Path("k.npz"), images[:, None], ["a"] * 78, ["a"] * 78)

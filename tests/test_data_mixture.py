@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from medfoundry.bench.run import pretrain_images, run_pretraining
 from medfoundry.config import ExperimentConfig, load_config
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.data.mixture import MixedImageSet, MixtureSource, convert_channels
 from medfoundry.data.registry import load_dataset
 from medfoundry.errors import DataError
-from medfoundry.experiment import pretrain_images, run_pretraining
 from medfoundry.models.checkpoint import load_encoder
 from medfoundry.ssl.views import EpochBatchSampler
 

@@ -311,6 +311,14 @@ def test_broken_affine_names_file(tmp_path: Path, name: str, srow: np.ndarray, f
         expect_data_error(lambda: load_nifti_volume(path), path, "broken affine", fragment)
 
 
+def test_model_layout_is_z_y_x(ct_series: Volume) -> None:
+    """``to_dhw``: the one conversion to the models' (D, H, W) = (z, y, x), spacing in the same order."""
+    array, spacing = ct_series.to_dhw()
+    assert array.shape == ct_series.shape[::-1] == (20, 512, 512) and array.flags.c_contiguous
+    assert spacing == ct_series.spacing[::-1] == (2.0, 0.9765625, 0.9765625)
+    assert array[3, 100, 200] == ct_series.array[200, 100, 3]
+
+
 def test_dicom_prefix_crops_series_like_nifti(shared_data: Path, tmp_path: Path) -> None:
     """``dicom:FOLDER`` gives the NIfTI reader's windowed crops, one scan per series folder, named by folder."""
     import shutil

@@ -27,8 +27,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
-import medfoundry.ssl.methods  # noqa: F401 - registers the SSL methods
-from medfoundry.adapt.embed import embed, part_path
 from medfoundry.config import (
     DinoConfig,
     IBOTConfig,
@@ -52,6 +50,7 @@ from medfoundry.distributed import (
 from medfoundry.errors import MedfoundryError
 from medfoundry.models.backbones import Encoder, create_encoder
 from medfoundry.models.checkpoint import load_encoder_or_build
+from medfoundry.models.features import embed, part_path
 from medfoundry.ssl.base import SSL_METHODS
 from medfoundry.ssl.schedules import Schedules
 from medfoundry.ssl.trainer import STATE_FILE, pretrain
@@ -266,7 +265,8 @@ def test_n_ddp_steps_match_one_process(ddp_run, single_run: Path) -> None:
     ddp_dir, single_dir = Path(ddp_run["out"]) / "ddp", single_run / "single"
     ddp_losses, single_losses = _losses(ddp_dir), _losses(single_dir)
     assert len(ddp_losses) == len(single_losses) == N_STEPS  # rank 0 alone logs: one line per step
-    loss_diff = max(abs(a - b) for a, b in zip(ddp_losses, single_losses, strict=True))
+    loss_gaps = [abs(a - b) for a, b in zip(ddp_losses, single_losses, strict=True)]
+    bounds = _loss_gap_bounds(single_losses, ddp_run, single_run)
     ddp, single, init = _weights(ddp_dir), _weights(single_dir), _weights(None)
     weight_diff = _max_diff(ddp, single)
     # Coordinates whose gradient is zero in exact arithmetic (_with_gradient) get float32 rounding noise as their
@@ -277,17 +277,51 @@ def test_n_ddp_steps_match_one_process(ddp_run, single_run: Path) -> None:
     relative = _norm(gap) / _norm(trained)
     gap_with_gradient = max(float(v.abs().max()) for v in gap.values() if v.numel())
     print(
-        f"{N_STEPS} steps: max |loss diff| {loss_diff:.2e}; max |weight diff| {weight_diff:.2e} over all weights, "
+        f"{N_STEPS} steps: |loss diff| per step {', '.join(f'{g:.2e}' for g in loss_gaps)} (bounds "
+        f"{', '.join(f'{b:.2e}' for b in bounds)}); max |weight diff| {weight_diff:.2e} over all weights, "
         f"{gap_with_gradient:.2e} without the zero-gradient biases, {relative:.2e} relative to the distance "
         f"trained; torchrun launch {ddp_run['seconds']:.1f} s"
     )
     assert _norm(trained) > 1.0  # the runs trained
-    assert loss_diff < 1e-5
+    for step, (loss_gap, bound) in enumerate(zip(loss_gaps, bounds, strict=True), start=1):
+        assert loss_gap <= bound, f"step {step}: |loss diff| {loss_gap:.3e} > {bound:.3e}"
     assert relative < 1e-3
     assert weight_diff < 2 * _config().lr * N_STEPS  # AdamW's bound: no coordinate moves more than lr per step
     summary = json.loads((ddp_dir / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == N_STEPS
     assert (ddp_dir / "encoder" / "model.safetensors").is_file()
+
+
+def _loss_gap_bounds(losses: list[float], ddp_run: dict[str, object], single_run: Path) -> list[float]:
+    """How far the logged loss of step k = 1..N may differ between 2 ranks and one process in float32.
+
+    The two runs sum the same terms in another order (each rank sums its 8 samples, then the all-reduce adds the two
+    partial sums; one process sums all 16), so each result is off by a few float32 epsilons (eps) of the summed
+    magnitudes, and nothing else differs:
+
+    * Step 1 runs on identical weights, so only the forward pass rounds differently: the loss, an average of 2B
+      logsumexp terms each around |loss|, is off by a few eps of |loss|. 8 eps * |loss| (~4e-6 here) leaves room
+      for that and for the mean over ranks, while a real difference (per-rank batch norm or negatives: > 1e-3,
+      see the one-step test) stays far above it.
+    * Each later step inherits the weight gap that rounded gradients left. Where a coordinate's gradient error d_i
+      does not flip its sign, AdamW's step (about lr * sign(g_i) while the moments are young) hardly changes; where
+      it flips, |g_i| <= |d_i| and the step changes by at most 2 lr, which moves the loss by |g_i| * 2 lr <=
+      2 lr |d_i| to first order. So each earlier step adds at most 2 lr * ||d||_1 to the loss gap. ||d||_1 is
+      measured, not guessed: the gradient gap of the first step between the same two runs (step.safetensors, the
+      same sums over the same batch sizes; it is itself float32 noise, see the one-step test). Later steps' gradient
+      errors also carry the weight gap through the curvature; a factor 2 covers that. Measured on a 2-core AMD
+      EPYC (AVX-512): gaps 1.2e-7, 2.3e-5, 5.7e-5 against bounds ~4e-6, ~3.5e-4, ~7e-4, with ||d||_1 ~ 0.09
+      against ||g||_1 ~ 5e4: a real divergence (ranks stepping on different gradients) has up to lr * ||g||_1 per
+      step to move the loss, five orders of magnitude more than the rounding allowance.
+    """
+    eps = float(torch.finfo(torch.float32).eps)
+    ddp = load_file(str(Path(str(ddp_run["out"])) / "step.safetensors"))
+    single = load_file(str(single_run / "step.safetensors"))
+    for gradients in (ddp, single):
+        del gradients["loss"]
+    gradient_gap_l1 = sum(float((ddp[k].double() - single[k].double()).abs().sum()) for k in single)
+    per_earlier_step = 2 * (2 * _config().lr * gradient_gap_l1)
+    return [8 * eps * abs(loss) + per_earlier_step * (step - 1) for step, loss in enumerate(losses, start=1)]
 
 
 def _weights(folder: Path | None) -> dict[str, torch.Tensor]:

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from medfoundry.adapt.embed import embed, read_embeddings
 from medfoundry.data.manifest import FileImageSet, load_manifest
 from medfoundry.data.registry import load_dataset
 from medfoundry.data.sample import ArrayImageSet, ImageSet
 from medfoundry.errors import DataError
 from medfoundry.models.backbones import Encoder, create_encoder
 from medfoundry.models.checkpoint import weights_hash
+from medfoundry.models.features import embed, read_embeddings
 
 torch.set_num_threads(1)
 threadpool_limits(1)
@@ -140,6 +140,19 @@ def test_corrupt_cache_is_recomputed(
     stored, attrs = read_embeddings(path)
     np.testing.assert_array_equal(stored.features, read_embeddings(cached)[0].features)
     assert attrs["weights_hash"] == weights_hash(vit.backbone)
+
+
+def test_a_file_of_an_older_layout_is_named_and_recomputed(
+    cached: Path, vit: Encoder, test_split: ImageSet, tmp_path: Path
+) -> None:
+    path = _copy(cached, tmp_path / "old.h5")
+    with h5py.File(path, "a") as h5:  # a layout without patient ids, hashes intact
+        del h5["patient_ids"]
+    with pytest.raises(DataError, match=r"lacks dataset\(s\) patient_ids") as info:
+        read_embeddings(path)
+    assert "old.h5" in str(info.value)
+    assert not embed(vit, test_split, path).reused
+    assert read_embeddings(path)[0].patient_ids == test_split.patient_ids
 
 
 def test_features_equal_a_plain_forward(cached: Path, vit: Encoder, test_split: ImageSet) -> None:

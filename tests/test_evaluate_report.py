@@ -14,12 +14,6 @@ import pytest
 from PIL import Image
 
 from medfoundry.errors import DataError, OutputError
-from medfoundry.evaluate.report import (
-    format_markdown_tables,
-    format_summary_text,
-    render_report,
-    summarise_table,
-)
 from medfoundry.evaluate.results import (
     ResultRecord,
     ResultsFile,
@@ -27,6 +21,12 @@ from medfoundry.evaluate.results import (
     records_from_metrics,
     run_metadata,
     write_results,
+)
+from medfoundry.report import (
+    format_markdown_tables,
+    format_summary_text,
+    render_report,
+    summarise_table,
 )
 
 MODELS = {"resnet50": 0.0, "dinov2-vitb14": 0.06}
@@ -337,7 +337,7 @@ def _images(html: str) -> list[bytes]:
 
 
 def test_ladder_points_use_the_largest_fraction_and_average_costs_over_seeds() -> None:
-    from medfoundry.evaluate.report import ladder_points
+    from medfoundry.report import ladder_points
 
     records = [r for r in _suite_results().records if r.label_fraction < 1.0]
     fraction, points = ladder_points(records, "breastmnist", "auroc")
@@ -352,7 +352,7 @@ def test_ladder_points_use_the_largest_fraction_and_average_costs_over_seeds() -
 
 
 def test_ladder_plot_is_drawn_only_when_costs_are_recorded(tmp_path: Path) -> None:
-    from medfoundry.evaluate.report import ladder_points, plot_adaptation_ladder
+    from medfoundry.report import ladder_points, plot_adaptation_ladder
 
     with_costs = render_report(_suite_results(), tmp_path / "a.html").read_text()
     without = render_report(_suite_results(with_costs=False), tmp_path / "b.html").read_text()
@@ -376,7 +376,7 @@ def test_ladder_plot_is_drawn_only_when_costs_are_recorded(tmp_path: Path) -> No
 
 
 def test_comparison_sentences_say_significant_or_not() -> None:
-    from medfoundry.evaluate.report import Comparison, comparison_sentence
+    from medfoundry.report import Comparison, comparison_sentence
 
     significant = Comparison.from_mapping(_comparison())
     assert significant is not None and significant.significant
@@ -400,7 +400,7 @@ def test_comparison_sentences_say_significant_or_not() -> None:
 
 
 def test_comparison_sentences_respect_lower_is_better_for_ece() -> None:
-    from medfoundry.evaluate.report import Comparison, comparison_sentence
+    from medfoundry.report import Comparison, comparison_sentence
 
     # ECE: A − B < 0 means A is better calibrated.
     a_better = Comparison.from_mapping(_comparison(metric="ece", difference=-0.04, ci_low=-0.07, ci_high=-0.01))

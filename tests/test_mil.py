@@ -20,7 +20,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from medfoundry.errors import DataError, ModelError
-from medfoundry.evaluate.report import render_report
 from medfoundry.evaluate.results import read_results
 from medfoundry.mil import (
     MIL_MODELS,
@@ -30,11 +29,11 @@ from medfoundry.mil import (
     load_bags,
     patient_folds,
     predict_mil,
-    run_mil_cv,
     save_heatmap,
     train_mil,
 )
 from medfoundry.mil.train import pad_bags
+from medfoundry.report import render_report
 
 CROP = 64
 # Small batches of bags keep the four trainings within a few seconds on two loaded cores.
@@ -272,34 +271,63 @@ def test_patient_folds_never_split_a_patient() -> None:
         patient_folds(labels[:3], ["a", "b", "c"], n_folds=5, seed=0)
 
 
-def test_run_mil_cv_writes_results_and_report(tmp_path: Path, crop_pools) -> None:
+def test_cross_validation_suite_writes_results_and_report(tmp_path: Path, crop_pools) -> None:
+    # Was run_mil_cv: cross-validation is now a slide-mil task of the engine, one cell per model scored on every
+    # slide's out-of-fold prediction (the pooled out-of-fold metrics run_mil_cv kept in its metadata).
+    from medfoundry.bench.engine import run_suite
+    from medfoundry.config import AdaptConfig, EvaluateConfig, SuiteConfig, TaskConfig
+
     names, train_pool, _ = crop_pools
     bags, labels, _ = _make_bags(names, train_pool, 120, seed=4)
     # Three slides per patient, labels mixed within a patient, so grouping matters.
     features_dir, rows = _write_slides(tmp_path, bags, labels, slides_per_patient=3)
-    bag_set = load_bags(features_dir, _write_csv(tmp_path / "labels.csv", rows))
-    results = run_mil_cv(
-        bag_set,
-        ["mean", "abmil"],
-        task="nct-tumour-bags",
-        features_name="colour-stats",
-        n_folds=3,
-        config=FAST,
-        n_bootstrap=200,
-        out_path=tmp_path / "results.json",
+    features_dir = features_dir.rename(tmp_path / "colour-stats")  # cells are named after the features folder
+    task = TaskConfig(
+        name="nct-tumour-bags",
+        kind="slide-mil",
+        source=str(features_dir),
+        labels=str(_write_csv(tmp_path / "labels.csv", rows)),
+        mil={"models": ["mean", "abmil"], "folds": 3, "train": dataclasses.asdict(FAST)},
     )
-    reread = read_results(tmp_path / "results.json")
-    assert len(reread.records) == len(results.records) == 2 * 3 * 3  # models x folds x metrics
+    suite = SuiteConfig(
+        output_dir=tmp_path / "out",
+        tasks=[task],
+        adapt=AdaptConfig(label_fractions=[1.0], seeds=[0]),
+        evaluate=EvaluateConfig(n_bootstrap=200),
+    )
+    results = run_suite(suite, show_progress=False, echo=lambda _: None).results
+    reread = read_results(tmp_path / "out" / "results.json")
+    metrics = results.metadata["primary_metric"]["nct-tumour-bags"]
+    assert metrics == "auroc"
+    n_metrics = len({r.metric for r in reread.records})
+    assert len(reread.records) == len(results.records) == 2 * 1 * n_metrics  # models x seeds x metrics
     assert {r.adapter for r in reread.records} == {"mil-mean", "mil-abmil"}
     assert {r.model for r in reread.records} == {"colour-stats"}
     auroc = [r for r in reread.records if r.metric == "auroc" and r.adapter == "mil-abmil"]
-    assert sorted(r.seed for r in auroc) == [0, 1, 2]
-    assert sum(r.n_test for r in auroc) == len(bags)
+    assert [r.seed for r in auroc] == [0]
+    assert sum(r.n_test for r in auroc) == len(bags)  # every slide, predicted by the fold model that did not see it
     assert all(r.trainable_params and r.fit_seconds for r in auroc)
     assert np.mean([r.value for r in auroc]) > 0.85
-    assert results.metadata["mil_pooled_oof"]["abmil"]["auroc"]["value"] > 0.85
+    assert results.metadata["tasks"]["nct-tumour-bags"]["grouping"].startswith("3-fold cross-validation")
     html = render_report(reread, tmp_path / "report.html").read_text()
     assert "mil-abmil" in html and "colour-stats" in html
+
+
+def test_small_cohort_early_stopping_uses_fewer_folds_or_none(caplog) -> None:
+    # 3 slides per class: patient_split would cut 5 stratified folds, which scikit-learn refuses
+    # ("n_splits=5 cannot be greater than the number of members in each class").
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(4, 6)).astype(np.float32) for _ in range(6)]
+    config = MILTrainConfig(max_epochs=2, min_epochs=1)
+    with caplog.at_level(logging.INFO, logger="medfoundry.mil"):
+        fit = train_mil("mean", bags, [0, 0, 0, 1, 1, 1], patient_ids=list("abcdef"), config=config)
+    assert fit.log.val_losses and fit.log.epochs == 2
+    assert any("1/3 of the training patients" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="medfoundry.mil"):
+        fit = train_mil("mean", bags, [0, 1, 2, 3, 4, 5], patient_ids=list("abcdef"), config=config)
+    assert not fit.log.val_losses and fit.log.epochs == 2
+    assert any("early stopping off" in r.getMessage() for r in caplog.records)
 
 
 # --- heatmap ------------------------------------------------------------------------------------------

@@ -159,3 +159,106 @@ def test_resnet_round_trip_with_batchnorm_buffers(tmp_path: Path) -> None:
     assert int(loaded.backbone.bn1.num_batches_tracked) == 7
     x = _inputs(1, 32, n=2)
     assert torch.equal(_features(loaded, x), _features(encoder, x))
+
+
+# -- crafted configs, permissions, hash cache, loader options ------------------------------------------------
+
+
+def _edit_config(folder: Path, **changes: object) -> Path:
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    for key, value in changes.items():
+        if key.startswith("kw_"):
+            config["model_kwargs"][key[3:]] = value
+        elif value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    return folder
+
+
+def test_crafted_model_kwargs_cannot_make_timm_load_a_file(saved_vit: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(saved_vit, tmp_path / "ckpt")
+    # A real weights file timm would happily load through checkpoint_path (what an attacker would point at).
+    _edit_config(folder, kw_checkpoint_path=str(saved_vit / WEIGHTS_FILE))
+    with pytest.raises(ModelError, match="'checkpoint_path' is not a structural argument") as info:
+        load_encoder(folder)
+    assert str(folder / CONFIG_FILE) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("architecture", ["local-dir:/tmp/anything", "hf-hub:someone/model", "not_a_model"])
+def test_architecture_must_be_a_registered_model(saved_vit: Path, tmp_path: Path, architecture: str) -> None:
+    folder = _edit_config(shutil.copytree(saved_vit, tmp_path / "ckpt"), architecture=architecture)
+    with pytest.raises(ModelError, match="neither a timm model nor a medfoundry one") as info:
+        load_encoder(folder)
+    assert str(folder / CONFIG_FILE) in str(info.value)
+
+
+def test_structural_kwargs_of_every_preset_and_public_model_are_accepted() -> None:
+    from medfoundry.models.backbones import BACKBONE_PRESETS, check_model_kwargs
+    from medfoundry.models.public import PUBLIC_MODELS, get_public_model
+
+    for _, preset in BACKBONE_PRESETS.items():
+        check_model_kwargs(preset.timm_name, {**preset.kwargs, "in_chans": 1})
+    for name in PUBLIC_MODELS.names():
+        entry = get_public_model(name)
+        for variant in ("full", "test"):
+            check_model_kwargs(entry.timm_name, entry.build_kwargs(variant))
+
+
+def test_config_without_model_kwargs_is_one_line(saved_vit: Path, tmp_path: Path) -> None:
+    folder = _edit_config(shutil.copytree(saved_vit, tmp_path / "ckpt"), model_kwargs=None)
+    with pytest.raises(ModelError, match="missing \\['model_kwargs'\\]") as info:
+        load_encoder(folder)
+    assert str(folder / CONFIG_FILE) in str(info.value)
+
+
+def test_checkpoint_folder_follows_the_umask(vit: torch.nn.Module, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        folder = save_encoder(vit, tmp_path / "shared")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # mkdtemp's 0700 would hide it from colleagues
+    for file in folder.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+
+
+def test_weights_hash_is_cached_and_follows_every_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medfoundry.models import checkpoint
+
+    encoder = create_encoder("vit_tiny_28", in_chans=1, seed=0)
+    calls = []
+    content_hash = checkpoint._content_hash
+    monkeypatch.setattr(checkpoint, "_content_hash", lambda module: calls.append(1) or content_hash(module))
+    first = weights_hash(encoder.backbone)
+    assert weights_hash(encoder.backbone) == first and len(calls) == 1  # no second pass over the tensors
+    # A training step writes the parameters in place.
+    optimiser = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    encoder(torch.randn(2, 1, 28, 28)).square().mean().backward()
+    optimiser.step()
+    stepped = weights_hash(encoder.backbone)
+    assert stepped != first and len(calls) == 2
+    # Loading the original weights back gives the original hash; so does a replaced (not in-place) tensor.
+    original = create_encoder("vit_tiny_28", in_chans=1, seed=0)
+    encoder.backbone.load_state_dict(original.backbone.state_dict())
+    assert weights_hash(encoder.backbone) == first
+    with torch.no_grad():
+        encoder.backbone.cls_token = torch.nn.Parameter(encoder.backbone.cls_token + 1)
+    replaced = weights_hash(encoder.backbone)
+    assert replaced not in (first, stepped)
+    # Writes through .data bump no version counter (old EMA code does this): the sampled values still see them.
+    encoder.backbone.blocks[0].mlp.fc1.weight.data.mul_(0.5)
+    assert weights_hash(encoder.backbone) not in (first, stepped, replaced)
+    assert weights_hash(encoder.backbone) == content_hash(encoder.backbone)
+
+
+def test_tile_loader_pins_memory_only_for_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medfoundry.wsi.embedding import loader_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loader_options(8, 0, device=torch.device("cpu"))["pin_memory"] is False
+    assert loader_options(8, 0, device=torch.device("cuda"))["pin_memory"] is True

@@ -14,14 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import medfoundry.ssl.methods  # noqa: F401
-from medfoundry.adapt.embed import extract_features
 from medfoundry.config import PretrainConfig, ViewsConfig
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import ModelError
-from medfoundry.models.backbones import create_encoder, slice_encoder_from
+from medfoundry.models.backbones import create_encoder
 from medfoundry.models.checkpoint import load_encoder, save_encoder
-from medfoundry.models.slices import stack_slices
+from medfoundry.models.features import extract_features
+from medfoundry.models.slices import slice_encoder_from, stack_slices
 from medfoundry.ssl.trainer import pretrain
 
 

@@ -3,26 +3,36 @@ monitors, and the schedule shapes. Small real data: 64 BreastMNIST training imag
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import medfoundry.ssl.methods  # noqa: F401
 from medfoundry.config import DinoConfig, PretrainConfig, ViewsConfig
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.models.backbones import create_encoder
-from medfoundry.models.checkpoint import load_encoder
-from medfoundry.ssl.monitor import CollapseMonitor, effective_rank, feature_std
+from medfoundry.models.checkpoint import load_encoder, save_encoder
+from medfoundry.ssl import trainer
+from medfoundry.ssl.dino import DINO
+from medfoundry.ssl.monitor import (
+    CollapseMonitor,
+    KNNMonitorSet,
+    effective_rank,
+    feature_std,
+    knn_predict,
+    teacher_readings,
+)
 from medfoundry.ssl.schedules import Schedules
-from medfoundry.ssl.trainer import STATE_FILE, pretrain
+from medfoundry.ssl.trainer import STATE_FILE, init_name, initial_encoder, pretrain
 
 SMALL = dict(
     epochs=3,
@@ -177,3 +187,186 @@ def test_schedules_follow_warmup_and_cosine() -> None:
     assert schedules.teacher_temp[0] == pytest.approx(config.dino.warmup_teacher_temp)
     assert schedules.teacher_temp[-1] == pytest.approx(config.dino.teacher_temp)
     assert np.all(np.diff(schedules.weight_decay) >= 0)
+
+
+def _budget(**budget: float | None) -> PretrainConfig:
+    return PretrainConfig(**{**SMALL, "epochs": None, **budget})
+
+
+def test_one_budget_decides_and_old_warmups_read_as_before() -> None:
+    assert PretrainConfig().epochs == 20 and PretrainConfig(max_steps=7).epochs is None
+    with pytest.raises(ValueError, match=r"give one budget.*epochs=3 and max_minutes=5.*pretrain.epochs=null"):
+        PretrainConfig(epochs=3, max_minutes=5)
+    with pytest.raises(ValueError, match="warmup_epochs is now warmup_fraction"):
+        PretrainConfig(warmup_epochs=2, warmup_fraction=0.2)
+    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs is now warmup_teacher_temp_fraction"):
+        DinoConfig(warmup_teacher_temp_epochs=2, warmup_teacher_temp_fraction=0.2)
+    # An old recipe's epoch-valued warm-ups keep their meaning: 2 of 10 epochs is a fraction of 0.2.
+    old = Schedules(PretrainConfig(epochs=10, warmup_epochs=2), steps_per_epoch=10)
+    new = Schedules(PretrainConfig(epochs=10, warmup_fraction=0.2), steps_per_epoch=10)
+    assert old.warmup_steps == new.warmup_steps == 20 and np.array_equal(old.lr, new.lr)
+
+
+@pytest.mark.parametrize("total", [40, 4000])
+def test_warmups_are_fractions_of_the_run(total: int) -> None:
+    config = PretrainConfig(max_steps=total)  # defaults: lr 10%, teacher temperature 25%, frozen last layer 5%
+    schedules = Schedules(config, steps_per_epoch=61)
+    assert schedules.total_steps == total and schedules.lr.argmax() == pytest.approx(0.1 * total, abs=1)
+    reached = int(np.argmax(schedules.teacher_temp >= config.dino.teacher_temp - 1e-9))
+    assert reached == pytest.approx(0.25 * total, abs=1)
+    assert schedules.at(0).freeze_last_layer and not schedules.at(round(0.05 * total)).freeze_last_layer
+    # The whole-epoch warm-up of before could not end within a 40-step run of 61-step epochs.
+    assert schedules.teacher_temp[-1] == pytest.approx(config.dino.teacher_temp)
+
+
+def test_a_steps_budget_extends_from_its_state(small_images, tmp_path: Path) -> None:
+    first = pretrain(
+        small_images,
+        create_encoder("vit_tiny_28", in_chans=1, seed=0),
+        _budget(max_steps=4),
+        tmp_path,
+        show_progress=False,
+    )
+    assert first.finished and first.steps == first.total_steps == 4 and first.budget == {"max_steps": 4}
+    extended = pretrain(
+        small_images,
+        create_encoder("vit_tiny_28", in_chans=1, seed=0),
+        _budget(max_steps=6, threads=1),
+        tmp_path,
+        show_progress=False,
+    )
+    assert extended.resumed_from_step == 4 and extended.steps == extended.total_steps == 6 and extended.finished
+    assert torch.get_num_threads() == 1
+    assert [int(r["step"]) for r in extended.monitor] == [2, 4, 6]
+    with pytest.raises(Exception, match="taken 6 steps, more than the new budget's 3"):
+        pretrain(
+            small_images,
+            create_encoder("vit_tiny_28", in_chans=1, seed=0),
+            _budget(max_steps=3),
+            tmp_path,
+            show_progress=False,
+        )
+
+
+def test_a_minutes_budget_estimates_its_steps_and_stops_in_time(
+    small_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A clock that ticks one second per reading: the trainer reads it once per step.
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(trainer, "CALIBRATION_STEPS", 2)
+    config = _budget(max_minutes=0.1)  # 6 s
+    result = pretrain(
+        small_images, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, tmp_path, show_progress=False
+    )
+    # Steps 2-3 take 1 s each, so after 3 s the remaining 3 s give 3 more steps; then the time is up.
+    assert result.time_up and result.finished and result.total_steps == result.steps == 6
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert state["total_steps"] == 6 and state["seconds_per_step"] == 1.0 and state["trained_seconds"] >= 6
+    assert (tmp_path / "encoder" / "model.safetensors").is_file()
+    # Three more seconds: the extension continues at the measured speed.
+    longer = pretrain(
+        small_images,
+        create_encoder("vit_tiny_28", in_chans=1, seed=0),
+        _budget(max_minutes=0.15),
+        tmp_path,
+        show_progress=False,
+        stop_after_steps=7,
+    )
+    assert longer.resumed_from_step == 6 and longer.total_steps == 6 + 3 and not longer.finished
+
+
+def test_continued_pretraining_starts_from_the_checkpoint_with_fresh_heads(small_images, tmp_path: Path) -> None:
+    start = create_encoder("vit_tiny_28", in_chans=1, seed=7)
+    folder = save_encoder(start, tmp_path / "tiny-start")
+    config = _budget(max_steps=2, init_from=str(folder))
+    torch.manual_seed(config.seed)
+    method = DINO(initial_encoder(config.init_from), config)
+    for key, value in start.backbone.state_dict().items():
+        assert torch.equal(method.student.state_dict()[key], value), key
+        assert torch.equal(method.teacher.state_dict()[key], value), key
+    # Fresh heads: exactly those DINO builds over random weights with the same seed.
+    torch.manual_seed(config.seed)
+    fresh = DINO(create_encoder("vit_tiny_28", in_chans=1, seed=0), config)
+    for key, value in fresh.student_head.state_dict().items():
+        assert torch.equal(method.student_head.state_dict()[key], value), key
+
+    result = pretrain(
+        small_images, create_encoder("vit_tiny_28", in_chans=1), config, tmp_path / "run", show_progress=False
+    )
+    assert result.finished and result.init_from == "tiny-start"
+    written = (result.encoder_dir / "config.json").read_text()
+    assert json.loads(written)["init_from"] == "tiny-start" and str(tmp_path) not in written
+    assert "Continued from: tiny-start" in (result.encoder_dir / "model_card.md").read_text()
+    assert init_name("public:uni@vit:/private/weights/pytorch_model.bin") == "public:uni@vit:pytorch_model.bin"
+    with pytest.raises(Exception, match="neither a checkpoint folder nor public"):
+        initial_encoder("vit_tiny_28")
+
+
+def test_health_warning_fires_on_a_uniform_teacher() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(128, 192, generator=generator)
+    # A teacher near uniform over 1024 prototypes: tiny logits, as a collapsed DINO head gives.
+    uniform = teacher_readings(1e-3 * torch.randn(128, 1024, generator=generator), teacher_temp=0.07)
+    assert uniform["teacher_entropy"] > 0.99
+    peaked = teacher_readings(10 * torch.randn(128, 1024, generator=generator), teacher_temp=0.07)
+    assert peaked["teacher_entropy"] < 0.9 and peaked["prototype_use"] > 0.5
+
+    monitor = CollapseMonitor(judge_teacher_from_step=2)
+    monitor.update(1, features, uniform)  # still warming up: not judged
+    assert monitor.problems(monitor.history[-1]) == {}
+    for step in (2, 3, 4):
+        monitor.update(step, features, peaked)
+    assert not monitor.warnings
+    for step in (5, 6, 7):
+        monitor.update(step, features, uniform, loss=6.9)
+    assert monitor.collapsed and {w["check"] for w in monitor.warnings} == {"teacher_entropy"}
+    assert monitor.history[-1]["warnings"] and monitor.history[-1]["loss"] == 6.9
+
+    # The reviewed DINO run: relative entropy 0.968 and 35 of 1024 prototypes over 128 rows; one reading at the end.
+    reviewed = CollapseMonitor()
+    reviewed.update(240, features, {"teacher_entropy": 0.968, "prototypes_used": 0.034, "prototype_use": 35 / 128})
+    assert not reviewed.warnings
+    assert reviewed.finish() and "teacher relative entropy 0.968 > 0.9" in reviewed.warnings[0]["message"]
+    assert not reviewed.finish(), "a finished run called again does not repeat its verdict"
+    few = CollapseMonitor(patience=1)
+    few.update(1, features, {"teacher_entropy": 0.5, "prototype_use": 10 / 128})
+    assert [w["check"] for w in few.warnings] == ["prototype_use"]
+
+
+def test_knn_monitor_reads_during_pretraining(small_images, breastmnist_npz: Path, tmp_path: Path) -> None:
+    separable = knn_predict(
+        torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]),
+        torch.tensor([0, 0, 1, 1]),
+        torch.tensor([[1.0, 0.05], [0.05, 1.0]]),
+        k=2,
+        temperature=0.07,
+    )
+    assert separable.tolist() == [0, 1]
+    labelled = load_medmnist_npz(breastmnist_npz)["val"].subset(np.arange(40), name="val40")
+    knn = KNNMonitorSet.split(labelled, held_out_fraction=0.3)
+    assert not set(knn.reference.patient_ids) & set(knn.held_out.patient_ids)
+    assert knn.neighbours() == round(len(knn.reference) ** 0.5)
+    result = pretrain(
+        small_images,
+        create_encoder("vit_tiny_28", in_chans=1, seed=0),
+        _budget(max_steps=2),
+        tmp_path,
+        show_progress=False,
+        knn_monitor=knn,
+    )
+    reading = result.monitor[-1]
+    assert 0.0 <= reading["knn_accuracy"] <= 1.0 and 0.0 <= reading["knn_balanced_accuracy"] <= 1.0
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "knn_accuracy" in logged[-1] and "warnings" in logged[-1]
+    assert json.loads((tmp_path / "summary.json").read_text())["warnings"] == result.warnings
+
+
+def test_threads_option_becomes_the_config_field() -> None:
+    from medfoundry.cli.pretrain import pretrain_overrides
+
+    values = pretrain_overrides(None, False, ["pretrain.threads=3"], threads=2)
+    assert values == ["pretrain.threads=2", "pretrain.threads=3"]  # -s still wins
+    assert PretrainConfig(threads=2).threads == 2
+    with pytest.raises(ValueError):
+        PretrainConfig(threads=0)

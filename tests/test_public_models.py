@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from medfoundry.errors import ModelError
 from medfoundry.models.checkpoint import load_encoder, load_encoder_or_build, save_encoder
-from medfoundry.models.loading import load_public_encoder, parse_public_spec
+from medfoundry.models.loading import load_public_encoder
+from medfoundry.models.names import parse_public_spec
 from medfoundry.models.public import PUBLIC_MODELS, get_public_model
 
 
@@ -357,10 +358,10 @@ def test_spec_loads_everywhere_encoders_are_used_and_saves_as_a_checkpoint(tmp_p
     reloaded = load_encoder(save_encoder(encoder, tmp_path / "ckpt")).eval()
     assert reloaded.pool == "token+avg" and torch.equal(reloaded(x), encoder(x))
     # A suite names it in an encoder's checkpoint field, and a 2.5D wrapping of it takes CT volumes.
-    from medfoundry.config import SuiteEncoderConfig
-    from medfoundry.suite import prepare_encoder
+    from medfoundry.bench.engine import prepare_encoder
+    from medfoundry.config import EncoderConfig
 
-    in_suite = prepare_encoder(None, SuiteEncoderConfig(name="virchow2", checkpoint=spec), {}, False, print).eval()
+    in_suite = prepare_encoder(None, EncoderConfig(name="virchow2", checkpoint=spec), {}, False, print).eval()
     assert torch.equal(in_suite(x), encoder(x))
     over_slices = load_encoder_or_build(f"2.5d:{spec}", in_chans=1, img_size=None).eval()
     size = x.shape[-1]
@@ -476,3 +477,44 @@ def test_export_is_loadable_by_timm_and_cli_lists_shows_exports(tmp_path: Path) 
     assert listed.exit_code == 0 and "uni2_h" in listed.output and "vit_tiny_28" in listed.output
     shown = runner.invoke(app, ["models", "show", "h-optimus-0"])
     assert shown.exit_code == 0 and "0.707223" in shown.output and "Apache-2.0" in shown.output
+
+
+# -- text towers: never remote code, never a pickle --------------------------------------------------------------
+
+
+def _tiny_bert_folder(folder: Path) -> Path:
+    from transformers import BertConfig
+
+    BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_text_loader_refuses_remote_code_explicitly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from medfoundry.vlm.text import load_text_model
+
+    folder = _tiny_bert_folder(tmp_path / "text")
+    seen: dict = {}
+
+    def from_pretrained(path: str, **kwargs: object) -> object:
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    # Left unset, transformers prompts on a terminal for a folder whose config has auto_map: False must be passed.
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", from_pretrained)
+    with pytest.raises(ModelError, match="cannot load text model"):
+        load_text_model(folder)
+    assert seen.get("trust_remote_code") is False and seen.get("local_files_only") is True
+
+
+def test_text_loader_turns_a_pickled_checkpoint_into_one_line(tmp_path: Path) -> None:
+    from medfoundry.vlm.text import load_text_model
+
+    folder = _tiny_bert_folder(tmp_path / "text")
+    torch.save({"args": argparse.Namespace(lr=0.1), "weight": torch.zeros(2)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="refused: the weights file pickles Python objects") as info:
+        load_text_model(folder)
+    assert str(folder) in str(info.value) and "\n" not in str(info.value)

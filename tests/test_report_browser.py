@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medfoundry.evaluate.report import render_report
 from medfoundry.evaluate.results import ResultRecord, ResultsFile
+from medfoundry.report import render_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (1400, 3000)
-# The first model's colour in every plot and table swatch (report._MODEL_COLOURS[0]).
+# The first model's colour in every plot and table swatch (medfoundry.report.plots._MODEL_COLOURS[0]).
 FIRST_MODEL_RGB = (0x00, 0x72, 0xB2)
 ADAPTERS = {"knn": (0, 0.004), "linear": (769, 0.9), "finetune-lora": (1_200_000, 310.0)}
 

@@ -3,7 +3,8 @@
 The CT (122 x 101 x 30 voxels at 3 mm) is split along z: test block z 10..19, 2-slice margins, train z 0..7 and
 22..29.
 Dice is measured on the held-out block only. Thresholds were set from measured runs with a margin (the
-numbers are in docs/segmentation.md).
+numbers are in docs/segmentation.md). The probe runs as a task kind of the evaluation engine: the CLI as a one-task
+suite, and a suite YAML with a segmentation task beside a classification one.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def ct_files(shared_data: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def probe_run(ct_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The CLI end to end, both decoders, on the real CT: the output folder.
+def probe_run(ct_files: tuple[Path, Path], ct_encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CLI end to end (a one-task suite of the engine), both decoders, on the real CT: the output folder.
 
     The encoder is vit3d_tiny_32's network (dim 192, 6 blocks, 3 heads, random weights) at a 16^3 input with
     4-voxel patches, saved as a checkpoint folder: the same 64 tokens per window, but 8x fewer voxels for the
@@ -41,12 +42,9 @@ def probe_run(ct_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     from typer.testing import CliRunner
 
     from medfoundry.cli import app
-    from medfoundry.models.backbones import create_encoder
-    from medfoundry.models.checkpoint import save_encoder
 
     out = tmp_path_factory.mktemp("segment")
-    encoder = create_encoder("vit3d_tiny_32", in_chans=1, img_size=16, patch_size=4, seed=0)
-    checkpoint = save_encoder(encoder, out / "encoder")
+    checkpoint = ct_encoder
     image, labels = ct_files
     settings = {"batch_size": 2, "crop_pool": 32, "feature_size": 4, "lr": 0.005, "sw_overlap": 0.25}
     args = [
@@ -60,6 +58,16 @@ def probe_run(ct_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out / "probe"
+
+
+@pytest.fixture(scope="module")
+def ct_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vit3d_tiny_32's network at a 16^3 input with 4-voxel patches (random weights) as a checkpoint folder."""
+    from medfoundry.models.backbones import create_encoder
+    from medfoundry.models.checkpoint import save_encoder
+
+    encoder = create_encoder("vit3d_tiny_32", in_chans=1, img_size=16, patch_size=4, seed=0)
+    return save_encoder(encoder, tmp_path_factory.mktemp("ct-encoder") / "encoder")
 
 
 def _records(out: Path) -> dict[tuple[str, str], dict]:
@@ -203,3 +211,93 @@ def test_merge_left_right_and_class_map():
     assert merged.names == ("background", "liver", "kidney") and merged.source_ids == ((0,), (5,), (3, 2))
     labels = np.array([0, 1, 2, 3, 4, 5, 117])
     assert merged.remap(labels).tolist() == [0, 0, 2, 2, 0, 1, 0]
+
+
+def test_suite_runs_segmentation_beside_classification_and_resumes(
+    ct_files: tuple[Path, Path], ct_encoder: Path, breastmnist_npz: Path, tmp_path: Path
+):
+    """A suite YAML with a BreastMNIST task and a segmentation task on the real CT: one engine, one results.json.
+
+    Label fractions of a segmentation task draw train blocks: at 0.5 the decoder sees one of the CT's two blocks.
+    """
+    import yaml
+    from helpers import write_breastmnist_subset
+
+    from medfoundry.bench.engine import run_suite
+    from medfoundry.bench.segmentation import read_masks
+    from medfoundry.config import SuiteConfig, load_config
+    from medfoundry.evaluate.results import read_results
+
+    image, labels = ct_files
+    breast = write_breastmnist_subset(breastmnist_npz, tmp_path / "breast.npz", 120)
+    organs = {
+        "images": [str(image)],
+        "labels": [str(labels)],
+        "classes": ["liver", "spleen"],
+        "decoders": ["linear"],
+        **{"steps": 30, "batch_size": 2, "crop_pool": 8, "sw_overlap": 0.25, "lr": 0.005},
+    }
+    suite = {
+        "name": "mixed",
+        "output_dir": str(tmp_path / "suite"),
+        "tasks": [{"name": "breast", "source": str(breast)}, {"name": "organs", "segmentation": organs}],
+        "encoders": [
+            {"name": "vit2d", "backbone": "vit_tiny_28", "in_chans": 1, "img_size": 28, "tasks": ["breast"]},
+            {"name": "ct-vit", "checkpoint": str(ct_encoder), "in_chans": 1, "tasks": ["organs"]},
+        ],
+        "adapt": {"adapters": ["linear"], "label_fractions": [0.5, 1.0], "seeds": [0]},
+        "evaluate": {"n_bootstrap": 50},
+        "comparisons": {"reference_adapter": None, "scratch_baseline": False},
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    config = load_config(SuiteConfig, path)
+    assert config.tasks[1].kind == "segmentation"
+
+    first = run_suite(config, show_progress=False, echo=lambda line: None)
+    # breast: linear x 2 fractions; organs: linear x 2 fractions + the empty-prediction baseline x 2.
+    assert (first.cells_computed, first.cells_reused) == (6, 0)
+    results = read_results(first.results_path)
+    seg = {(r.model, r.adapter, r.label_fraction, r.metric): r for r in results.records if r.task == "organs"}
+    assert {r.metric for r in results.records if r.task == "breast"} >= {"auroc"}
+    for fraction in (0.5, 1.0):
+        mean = seg[("ct-vit", "linear", fraction, "dice_mean")]
+        assert 0.0 <= mean.ci_low <= mean.value <= mean.ci_high <= 1.0 and mean.n_test == 5
+        assert seg[("baseline", "all_background", fraction, "dice_liver")].value == 0.0
+    assert seg[("ct-vit", "linear", 1.0, "dice_liver")].value > 0.0
+    # One of two 8-slice train blocks at 0.5 (4 two-slice units), both at 1.0.
+    assert seg[("ct-vit", "linear", 0.5, "dice_mean")].n_train == 4
+    assert seg[("ct-vit", "linear", 1.0, "dice_mean")].n_train == 8
+    assert {"dice_background", "dice_liver", "dice_spleen", "dice_mean"} == {key[3] for key in seg}
+    meta = results.metadata
+    assert meta["primary_metric"] == {"breast": "auroc", "organs": "dice_mean"}
+    assert meta["tasks"]["organs"]["classes"] == ["background", "liver", "spleen"]
+
+    predictions = tmp_path / "suite" / "tasks" / "organs" / "predictions" / "ct-vit__linear__1__0.csv"
+    rows = predictions.read_text().splitlines()
+    assert rows[0] == "unit,class,intersection,predicted,reference,dice" and len(rows) == 1 + 5 * 3
+    (mask,) = read_masks(predictions)
+    assert mask.shape == (122, 101, 10) and set(np.unique(mask)) <= {0, 1, 2}
+    html = first.report_path.read_text()
+    assert "dice_mean" in html and "all_background" in html and "AUROC" in html
+
+    again = run_suite(load_config(SuiteConfig, path), show_progress=False, echo=lambda line: None)
+    assert (again.cells_computed, again.cells_reused) == (0, 6)
+    assert [r.value for r in again.results.records] == [r.value for r in results.records]
+
+
+def test_suite_segmentation_task_is_checked_when_loaded(ct_files: tuple[Path, Path]):
+    from medfoundry.bench.engine import load_task
+    from medfoundry.config import TaskConfig
+    from medfoundry.errors import MedfoundryError
+
+    image, labels = ct_files
+    volumes = {"images": [str(image)], "labels": [str(labels)]}
+    with pytest.raises(ValueError, match=r"segmentation\.decoder: unknown key; did you mean 'decoders'"):
+        TaskConfig(name="organs", segmentation={**volumes, "decoder": ["linear"]})
+    with pytest.raises(ValueError, match="not as source or train"):
+        TaskConfig(name="organs", source="x.npz", segmentation=volumes)
+    with pytest.raises(ValueError, match="kind segmentation and a segmentation section"):
+        TaskConfig(name="organs", source="x.npz", kind="segmentation")
+    with pytest.raises(MedfoundryError, match=r"unknown metric\(s\) \['auroc'\]"):
+        load_task(TaskConfig(name="organs", segmentation=volumes, metrics=["auroc"]))

@@ -14,14 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import medfoundry.ssl.methods  # noqa: F401
-from medfoundry.adapt.embed import extract_features
 from medfoundry.config import PretrainConfig, ViewsConfig
 from medfoundry.data.nifti import load_nifti_crops
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import create_encoder
 from medfoundry.models.checkpoint import load_encoder, load_encoder_or_build, save_encoder
+from medfoundry.models.features import extract_features
 from medfoundry.models.vit3d import patchify_3d
 from medfoundry.ssl.base import SSL_METHODS, StepValues
 from medfoundry.ssl.trainer import pretrain

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import IBOTPatchLoss
 
-import medfoundry.ssl.methods  # noqa: F401
 from medfoundry.config import IBOTConfig, PretrainConfig
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import create_encoder

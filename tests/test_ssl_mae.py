@@ -11,13 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import medfoundry.ssl.methods  # noqa: F401
-from medfoundry.adapt.embed import extract_features
 from medfoundry.config import PretrainConfig, ViewsConfig
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import create_encoder
 from medfoundry.models.checkpoint import load_encoder
+from medfoundry.models.features import extract_features
 from medfoundry.ssl.base import SSL_METHODS, StepValues
 from medfoundry.ssl.trainer import pretrain
 from medfoundry.ssl.views import to_pil

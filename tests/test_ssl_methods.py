@@ -11,16 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import medfoundry.ssl.methods  # noqa: F401
-from medfoundry.adapt.embed import extract_features
 from medfoundry.adapt.knn import KNNProbe
+from medfoundry.bench.run import build_encoder
 from medfoundry.config import DinoConfig, ExperimentConfig, IBOTConfig, PretrainConfig, ViewsConfig, load_config
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.data.registry import load_dataset
 from medfoundry.data.wsi import load_wsi_tiles
-from medfoundry.experiment import build_encoder
 from medfoundry.models.backbones import create_encoder
 from medfoundry.models.checkpoint import load_encoder
+from medfoundry.models.features import extract_features
 from medfoundry.ssl.base import SSL_METHODS
 from medfoundry.ssl.trainer import pretrain
 from medfoundry.ssl.views import build_two_views, to_pil

@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from typer.testing import CliRunner
 
-from medfoundry.cli import app, pretrain_overrides
+from medfoundry.cli import app
+from medfoundry.cli.pretrain import pretrain_overrides
 from medfoundry.config import ExperimentConfig, ViewsConfig, load_config
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.ssl.views import build_dino_views, build_two_views, seeded_rng, to_pil

@@ -111,7 +111,7 @@ def test_zero_shot_prompt_ensemble_on_kermany(trained, shared_data: Path, tmp_pa
         assert record["adapter"] == "zero-shot" and record["n_train"] == 0 and record["n_test"] == 600
         assert record["ci_low"] <= record["value"] <= record["ci_high"]
     assert (out / "report.html").is_file()
-    predictions = next((out / "predictions").glob("*.csv"))
+    predictions = next(out.glob("tasks/*/predictions/*.csv"))  # the engine's layout: one folder per task
     proba = np.loadtxt(predictions, delimiter=",", skiprows=1, usecols=(3, 4))
     assert proba.shape == (600, 2) and np.all((proba >= 0) & (proba <= 1))
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)

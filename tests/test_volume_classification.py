@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medfoundry.bench.engine import run_suite
 from medfoundry.config import SuiteConfig
 from medfoundry.data.intensity import apply_window
 from medfoundry.data.registry import load_dataset
 from medfoundry.data.volume import load_volume
-from medfoundry.suite import run_suite
 
 # TotalSegmentator label ids (labels_total.csv): spleen 1, kidneys 2 and 3, liver 5.
 ORGANS = {"spleen": [1], "kidney": [2, 3], "liver": [5]}

@@ -19,7 +19,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage, generate_uid
 from typer.testing import CliRunner
 
-from medfoundry.cli_wsi import wsi_app
+from medfoundry.cli.wsi import app as wsi_app
 from medfoundry.errors import DataError
 from medfoundry.models.checkpoint import load_encoder_or_build
 from medfoundry.wsi import embed_slides, open_slide, read_patches, tile_slides

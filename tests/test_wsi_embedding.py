@@ -13,12 +13,13 @@ import torch
 from helpers import direct_tile_features
 from typer.testing import CliRunner
 
-from medfoundry.adapt.embed import prepare_batch
-from medfoundry.cli_wsi import wsi_app
+from medfoundry.cli.wsi import app as wsi_app
 from medfoundry.models.backbones import create_encoder
 from medfoundry.models.checkpoint import load_encoder_or_build, weights_hash
+from medfoundry.models.feature_cache import temp_path
+from medfoundry.models.features import prepare_batch
 from medfoundry.wsi import embed_slides, open_slide, read_patches, read_tile, tile_slides
-from medfoundry.wsi.embedding import plan_from_attrs, temp_path
+from medfoundry.wsi.embedding import plan_from_attrs
 
 STEM = "CMU-1-Small-Region"
 MODEL = "vit_tiny_64"  # random weights, seeded: the same network every time it is built
@@ -56,7 +57,7 @@ def test_features_match_a_direct_forward_pass(embedded: Path, patches: Path, sli
     assert np.array_equal(stored_coords, coords)
     assert np.abs(features - expected).max() < 1e-4
     encoder = load_encoder_or_build(MODEL, in_chans=3, img_size=None)
-    assert attrs["encoder_weights_hash"] == weights_hash(encoder.backbone)
+    assert attrs["weights_hash"] == weights_hash(encoder.backbone)
     assert attrs["encoder"] == MODEL and attrs["patch_size"] == 64 and attrs["mpp"] == 2.0
     state = json.loads((embedded / "state" / f"{STEM}.json").read_text())
     assert state["status"] == "done" and state["attempts"] == 1 and state["tiles"] == len(coords)
@@ -118,13 +119,25 @@ def test_a_damaged_output_is_never_reused(embedded: Path, patches: Path, slide: 
     assert [row["slide"] for row in summary.done] == [STEM]
 
 
+def test_a_file_of_the_older_slide_layout_is_recomputed(
+    embedded: Path, patches: Path, slide: Path, tmp_path: Path
+) -> None:
+    out = _copy(embedded, tmp_path)
+    with h5py.File(out / f"{STEM}.h5", "a") as h5:  # before the one cache: the hash had its own name
+        h5.attrs["encoder_weights_hash"] = h5.attrs.pop("weights_hash")
+    summary = embed_slides(patches, MODEL, out, slides=[slide], num_workers=0, progress=False)
+    assert [row["slide"] for row in summary.done] == [STEM] and not summary.skipped
+    with h5py.File(out / f"{STEM}.h5", "r") as h5, h5py.File(embedded / f"{STEM}.h5", "r") as reference:
+        assert dict(h5.attrs)["weights_hash"] == reference.attrs["weights_hash"]
+
+
 def test_changed_weights_recompute(embedded: Path, patches: Path, slide: Path, tmp_path: Path) -> None:
     out = _copy(embedded, tmp_path)
     other = create_encoder(MODEL, seed=1)
     summary = embed_slides(patches, MODEL, out, slides=[slide], num_workers=0, encoder=other, progress=False)
     assert [row["slide"] for row in summary.done] == [STEM] and not summary.skipped
     with h5py.File(out / f"{STEM}.h5", "r") as h5:
-        assert h5.attrs["encoder_weights_hash"] == weights_hash(other.backbone)
+        assert h5.attrs["weights_hash"] == weights_hash(other.backbone)
 
 
 def test_bf16_stays_close_to_fp32(embedded: Path, patches: Path, slide: Path, tmp_path: Path) -> None:
@@ -229,8 +242,9 @@ def test_mil_heatmaps_from_wsi_embed_output(embedded: Path, tmp_path: Path) -> N
 
     from PIL import Image
 
+    from medfoundry.bench.engine import run_suite
+    from medfoundry.config import AdaptConfig, EvaluateConfig, SuiteConfig, TaskConfig
     from medfoundry.mil.data import load_bags
-    from medfoundry.mil.train import MILTrainConfig, run_mil_cv
 
     features = tmp_path / "features"
     features.mkdir()
@@ -241,21 +255,30 @@ def test_mil_heatmaps_from_wsi_embed_output(embedded: Path, tmp_path: Path) -> N
     with (tmp_path / "labels.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([("slide_id", "patient_id", "label"), *rows])
     bags = load_bags(features, tmp_path / "labels.csv")
-    fast = MILTrainConfig(max_epochs=3, min_epochs=1, patience=1)
-    results = run_mil_cv(
-        bags,
-        ["abmil", "mean"],
-        task="t",
-        features_name="f",
-        n_folds=3,
-        config=fast,
-        n_bootstrap=0,
-        heatmaps_dir=tmp_path / "heatmaps",
+    task = TaskConfig(
+        name="t",
+        kind="slide-mil",
+        source=str(features),
+        labels=str(tmp_path / "labels.csv"),
+        mil={
+            "models": ["abmil", "mean"],
+            "folds": 3,
+            "heatmaps": True,
+            "train": {"max_epochs": 3, "min_epochs": 1, "patience": 1},
+        },
     )
+    suite = SuiteConfig(
+        output_dir=tmp_path / "out",
+        tasks=[task],
+        adapt=AdaptConfig(label_fractions=[1.0], seeds=[0]),
+        evaluate=EvaluateConfig(n_bootstrap=0),
+    )
+    results = run_suite(suite, show_progress=False, echo=lambda _: None).results
     assert {r.adapter for r in results.records} == {"mil-abmil", "mil-mean"}
-    pictures = sorted((tmp_path / "heatmaps" / "abmil").glob("*.png"))
+    heatmaps = tmp_path / "out" / "tasks" / "t" / "heatmaps"
+    pictures = sorted((heatmaps / "abmil").glob("*.png"))
     assert [p.stem for p in pictures] == [f"slide{i}" for i in range(6)]
-    assert not (tmp_path / "heatmaps" / "mean").exists()  # mean pooling has no attention to draw
+    assert not (heatmaps / "mean").exists()  # mean pooling has no attention to draw
     with open_slide(Path(bags.bags[0].attrs["slide_path"])) as slide:
         width, height = slide.dimensions
     with Image.open(pictures[0]) as picture:

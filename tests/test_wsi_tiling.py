@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from medfoundry.cli_wsi import wsi_app
+from medfoundry.cli.wsi import app as wsi_app
 from medfoundry.errors import DataError
 from medfoundry.wsi import open_slide, read_patches, read_tile, resolve_read_level, tile_slides
 from medfoundry.wsi.tiling import (

@@ -2,23 +2,56 @@
 
 A recipe is a YAML file whose keys mirror these models; ``pretrain.epochs=40`` on the command line
 overrides one value. Unknown keys are errors, so a typo never silently falls back to a default.
+
+Each component declares its typed settings beside itself (``DinoConfig`` in ``ssl/dino.py``, ``AdaptConfig`` in
+``adapt/registry.py``, ...); this module composes them into recipes and re-exports them, so recipes and callers
+name them all from here. Names of registered components (SSL methods, adapters) are checked against their
+registries, not against a copy of the names.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from medfoundry.adapt.finetune import FineTuneConfig
+from medfoundry.adapt.registry import AdaptConfig
+from medfoundry.adapt.supervised import SupervisedBaselineConfig
 from medfoundry.errors import MedfoundryError
+from medfoundry.registry import did_you_mean, unknown_name_error
+from medfoundry.settings import StrictModel
+from medfoundry.ssl.base import SSL_METHODS
+from medfoundry.ssl.byol import BYOLConfig
+from medfoundry.ssl.dino import DinoConfig
+from medfoundry.ssl.ibot import IBOTConfig
+from medfoundry.ssl.mae import MAEConfig
+from medfoundry.ssl.mocov3 import MoCoV3Config
+from medfoundry.ssl.simclr import SimCLRConfig
+from medfoundry.transforms.view import ViewsConfig
+from medfoundry.vlm.clip import CLIPConfig
+
+# Settings declared beside their components, importable from here as before.
+__all__ = [
+    "AdaptConfig",
+    "BYOLConfig",
+    "CLIPConfig",
+    "DinoConfig",
+    "FineTuneConfig",
+    "IBOTConfig",
+    "MAEConfig",
+    "MoCoV3Config",
+    "SimCLRConfig",
+    "StrictModel",
+    "SupervisedBaselineConfig",
+    "ViewsConfig",
+]
 
 T = TypeVar("T", bound=BaseModel)
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class PretrainSourceConfig(StrictModel):
@@ -30,16 +63,133 @@ class PretrainSourceConfig(StrictModel):
     options: dict[str, Any] = Field(default_factory=dict, description="reader arguments, e.g. {tile_size: 224}")
 
 
-class DataConfig(StrictModel):
-    """Where images come from (see ``medfoundry.data.registry``)."""
+class DatasetSpec(StrictModel):
+    """One labelled dataset given for one role of a task (its train, val or test cases)."""
 
-    source: str = Field("data/breastmnist/breastmnist.npz", description="npz / csv / folder, or prefix:path")
+    source: str = Field(description="dataset spec: file.npz, folder, csv:..., features.h5, or prefix:path")
+    options: dict[str, Any] = Field(default_factory=dict, description="reader arguments, e.g. {image_size: 64}")
+    split: str | None = Field(None, description="which split of the source (default: its only split, or the role)")
+
+
+class TaskSource(StrictModel):
+    """Where a task's labelled cases come from, how they are split, and how they are scored.
+
+    Either ``source`` (one dataset with a train split and optionally val/test splits; missing ones are carved from
+    train by patient) or ``train`` plus optionally ``val`` and ``test`` as separate datasets (nothing is carved
+    that is given). Embedding files (``.h5`` from ``medfoundry embed``) may stand for images: the task then probes
+    those features directly.
+    """
+
+    source: str | None = Field(None, description="dataset spec: file.npz, folder, csv:..., idrid:..., prefix:path")
+    options: dict[str, Any] = Field(default_factory=dict, description="reader arguments, e.g. {image_size: 64}")
+    train: DatasetSpec | None = None
+    val: DatasetSpec | None = None
+    test: DatasetSpec | None = None
+    kind: str | None = Field(None, description="task kind (binary, multiclass, ordinal, multilabel); else inferred")
+    metrics: list[str] | None = Field(None, description="default by kind; the first is the headline metric")
+    val_split: str = "val"
+    test_split: str = "test"
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="carved from train, by patient, when there is no val")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="carved from train, by patient, when there is no test")
+    split_seed: int = 0
+    segmentation: dict[str, Any] | None = Field(
+        None,
+        description="a segmentation task: CT volumes, label maps, classes, z split and decoders "
+        "(medfoundry.segment.config.SegmentTaskConfig); implies kind segmentation",
+    )
+    labels: str | None = Field(
+        None,
+        description="slide-mil: CSV of slide_id, patient_id, label (and optionally split: train/val/test); "
+        "source is then the folder of per-slide feature files (medfoundry wsi embed)",
+    )
+    mil: dict[str, Any] | None = Field(
+        None, description="slide-mil: MIL models, cross-validation folds, training (medfoundry.mil.train.MILTaskConfig)"
+    )
+    zero_shot: dict[str, Any] | None = Field(
+        None,
+        description="zero-shot: CLIP checkpoint folder, classes and prompt templates "
+        "(medfoundry.vlm.zeroshot.ZeroShotConfig)",
+    )
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> TaskSource:
+        self._kind_sections()
+        if self.segmentation is not None or self.kind == "segmentation":
+            return self._segmentation_task()
+        if self.train is not None and "source" in self.model_fields_set:
+            raise ValueError("give either source (one dataset with splits) or train/val/test, not both")
+        if self.train is None and (self.val is not None or self.test is not None):
+            raise ValueError("val and test datasets go with a train dataset")
+        if self.train is None and self.source is None:
+            raise ValueError("a task needs a source or a train dataset")
+        if self.kind is not None:
+            from medfoundry.bench.kinds import TASK_KINDS  # here: the engine imports this module
+
+            TASK_KINDS.get(self.kind)
+        return self
+
+    def _kind_sections(self) -> None:
+        # Here: medfoundry.mil and medfoundry.vlm declare these settings beside themselves and import this module's
+        # peers. Each section belongs to one kind, and those kinds need theirs.
+        from medfoundry.mil.train import MILTaskConfig
+        from medfoundry.vlm.zeroshot import ZeroShotConfig
+
+        sections: tuple[tuple[str, str, type[BaseModel]], ...] = (
+            ("mil", "slide-mil", MILTaskConfig),
+            ("zero_shot", "zero-shot", ZeroShotConfig),
+        )
+        for field_name, kind, model in sections:
+            section = getattr(self, field_name)
+            if section is not None and self.kind != kind:
+                raise ValueError(f"a {field_name} section goes with kind {kind}")
+            if self.kind == kind:
+                if section is None and kind == "zero-shot":
+                    raise ValueError("a zero-shot task needs a zero_shot section (checkpoint, classes)")
+                try:
+                    model.model_validate(section or {})
+                except ValidationError as error:
+                    problems = [f"{field_name}.{_problem(model, e)}" for e in error.errors()]
+                    raise ValueError("; ".join(problems)) from None
+        if (self.labels is not None) != (self.kind == "slide-mil"):
+            raise ValueError("a slide-mil task needs labels (a slide CSV), and labels go with kind slide-mil")
+        if self.kind == "slide-mil" and (self.source is None or self.train is not None):
+            raise ValueError("a slide-mil task's source is its folder of per-slide feature files (no train/val/test)")
+
+    def _segmentation_task(self) -> TaskSource:
+        if self.segmentation is None or self.kind not in (None, "segmentation"):
+            raise ValueError("a segmentation task has kind segmentation and a segmentation section (volumes, classes)")
+        if self.train is not None or "source" in self.model_fields_set:
+            raise ValueError("a segmentation task lists its volumes under segmentation, not as source or train")
+        # Here: medfoundry.segment imports this module.
+        from medfoundry.segment.config import SegmentTaskConfig
+
+        try:
+            SegmentTaskConfig.model_validate(self.segmentation)
+        except ValidationError as error:
+            where = ["segmentation" + ("." if e["loc"] else "") for e in error.errors()]
+            problems = [w + _problem(SegmentTaskConfig, e) for w, e in zip(where, error.errors(), strict=True)]
+            raise ValueError("; ".join(problems)) from None
+        if self.kind is None:
+            self.kind = "segmentation"  # validated again on assignment: kind is then set, so it stops there
+        return self
+
+
+class DataConfig(TaskSource):
+    """The labelled task of a ``run`` (a one-task suite) and the unlabeled images pre-training uses."""
+
+    source: str | None = Field("data/breastmnist/breastmnist.npz", description="npz / csv / folder, or prefix:path")
     task: str = Field("breastmnist", description="name used in results and report")
     pretrain_split: str = Field("train", description="split whose images (not labels) are used for SSL")
     pretrain_sources: list[PretrainSourceConfig] = Field(
         default_factory=list,
         description="pre-train on these sources mixed by weight instead of source/pretrain_split",
     )
+
+    def as_task(self) -> TaskConfig:
+        given = set(self.model_fields_set) & set(TaskSource.model_fields)
+        if self.train is None:
+            given.add("source")  # the default source counts as given when no train dataset is
+        return TaskConfig(name=self.task, **{key: getattr(self, key) for key in given})
 
 
 class ModelConfig(StrictModel):
@@ -51,187 +201,46 @@ class ModelConfig(StrictModel):
     pool: Literal["default", "token+avg"] = "default"
 
 
-class ViewsConfig(StrictModel):
-    """Multi-crop views (lightly's DINOTransform). Defaults suit 1-channel 28 px ultrasound.
-
-    Two-view methods (SimCLR, MoCo v3, BYOL) use the global-crop fields only; the local-crop fields are DINO's.
-    MAE uses one view: a global crop (size and scale) with horizontal flip, nothing else.
-
-    Crop scales are larger than DINO's ImageNet defaults: at 28 px a crop of a fifth of the image keeps too
-    few pixels. On BreastMNIST, global 0.5-1 / local 0.2-0.5 beat 0.3-1 / 0.1-0.4 slightly at equal budget.
-    """
-
-    global_crop_size: int = 28
-    global_crop_scale: tuple[float, float] = (0.5, 1.0)
-    local_crop_size: int = 16
-    local_crop_scale: tuple[float, float] = (0.2, 0.5)
-    n_local_views: int = 4
-    hflip_prob: float = 0.5
-    vflip_prob: float = 0.0
-    rotation_degrees: float = 10.0
-    rotation_prob: float = 0.5
-    color_jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.0
-    hue: float = 0.0
-    blur_prob: float = 0.2
-    blur_sigmas: tuple[float, float] = (0.1, 1.0)
-    solarization_prob: float = 0.0
-    # Domain presets (medfoundry.transforms.presets, docs/views.md) fill in the fields not set explicitly.
-    # Frozen: the preset is applied when the config is built, so a later assignment could not re-apply it.
-    domain: Literal["natural", "pathology", "radiology", "ophthalmology", "oct"] = Field(
-        "natural", frozen=True, description="view preset; 'natural' keeps the views above unchanged"
-    )
-    rot90_prob: float = Field(0.0, ge=0.0, le=1.0, description="90-degree rotation; with both flips at 0.5, all 8")
-    hed_scale: float = Field(0.0, ge=0.0, description="H&E stain density scale jitter: alpha ~ U(1-s, 1+s)")
-    hed_shift: float = Field(0.0, ge=0.0, description="H&E stain density shift jitter: beta ~ U(-s, s)")
-    window_level_shift: float = Field(0.0, ge=0.0, description="grey window centre shift, a fraction of the range")
-    window_width_range: tuple[float, float] = Field((1.0, 1.0), description="grey window width factor range")
-    gamma_range: tuple[float, float] = Field((1.0, 1.0), description="gamma range, drawn log-uniformly")
-    affine_translate: float = Field(0.0, ge=0.0, le=1.0, description="random shift, a fraction of the crop size")
-    affine_scale: tuple[float, float] = Field((1.0, 1.0), description="random zoom range after the crop")
-    fov_mask: bool = Field(False, description="keep the circular field of view of fundus photos (black outside)")
-    speckle_sigma: float = Field(
-        0.0, ge=0.0, le=1.0, description="multiplicative speckle noise (OCT): x * (1 + s * N(0, 1)), s ~ U(0, sigma)"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_domain_preset(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("domain", "natural") == "natural":
-            return data
-        from medfoundry.transforms.presets import DOMAIN_PRESETS  # here: keeps the config's imports light
-
-        # An unknown domain is left to the field's own validation, which names the choices.
-        return {**DOMAIN_PRESETS.get(data["domain"], {}), **data}
-
-    @model_validator(mode="after")
-    def _check_ranges(self) -> ViewsConfig:
-        for name in ("window_width_range", "gamma_range", "affine_scale"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high:
-                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got ({low}, {high})")
-        return self
+# CLIP pre-trains on image-text pairs with its own trainer (vlm/train.py), so it is no SSLMethod over image views.
+IMAGE_TEXT_METHODS = ("clip",)
 
 
-class DinoConfig(StrictModel):
-    """DINO with DINOv2's guards against collapse (Sinkhorn-Knopp targets and KoLeo)."""
-
-    out_dim: int = 1024
-    hidden_dim: int = 512
-    bottleneck_dim: int = 128
-    teacher_targets: Literal["sinkhorn", "centering"] = "sinkhorn"
-    sinkhorn_iterations: int = 3
-    koleo_weight: float = 0.1
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 5
-    momentum_start: float = 0.99
-    momentum_end: float = 1.0
-    freeze_last_layer_epochs: int = 1
-
-
-class IBOTConfig(DinoConfig):
-    """iBOT / DINOv2-style: DINO on the CLS token plus masked-patch self-distillation (ViT only).
-
-    The student sees block-masked global crops and predicts, at each masked position, the teacher's prototype
-    distribution for the unmasked patch. Masking follows DINOv2 (a share of images masked, 10-50% of their
-    patches in blocks); the patch prototypes go through the same head as the CLS token unless
-    ``separate_patch_head`` (iBOT shares it, DINOv2 separates them).
-    """
-
-    patch_loss_weight: float = 1.0
-    separate_patch_head: bool = False
-    mask_sample_ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of global crops that are masked")
-    mask_ratio_min: float = Field(0.1, ge=0.0, lt=1.0)
-    mask_ratio_max: float = Field(0.5, gt=0.0, lt=1.0)
-
-
-class SimCLRConfig(StrictModel):
-    """SimCLR: NT-Xent over two views with in-batch negatives.
-
-    The CPU trial on BreastMNIST found temperature 0.2 with batch 64 and AdamW lr 1e-3 good.
-    """
-
-    temperature: float = 0.2
-    hidden_dim: int = 512
-    out_dim: int = 128
-    num_layers: int = 2
-
-
-class MoCoV3Config(StrictModel):
-    """MoCo v3: query encoder with projection and prediction heads against an EMA key encoder."""
-
-    temperature: float = 0.2
-    hidden_dim: int = 512
-    out_dim: int = 128
-    projection_layers: int = 3
-    prediction_hidden_dim: int = 512
-    momentum_start: float = 0.99
-    momentum_end: float = 1.0
-
-
-class BYOLConfig(StrictModel):
-    """BYOL: online encoder with projection and prediction heads regressing an EMA target."""
-
-    hidden_dim: int = 512
-    out_dim: int = 128
-    prediction_hidden_dim: int = 512
-    momentum_start: float = 0.99
-    momentum_end: float = 1.0
-
-
-class MAEConfig(StrictModel):
-    """MAE (as in RETFound): a ViT encodes the kept patches of one view, a small decoder predicts the masked ones.
-
-    Mask ratio and per-patch normalised targets as in MAE; the decoder is much smaller than MAE's (512 wide,
-    8 blocks) so that 28 px images train on a CPU.
-    """
-
-    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    norm_pix_loss: bool = True
-
-
-class CLIPConfig(StrictModel):
-    """CLIP-style image-text pre-training (medfoundry.vlm, docs/vision-language.md).
-
-    ``data.source`` names image-text pairs (pairs.csv, pairs.json or vqa_rad:PATH); ``model`` is the image
-    encoder. The text tower is a small BERT trained from scratch with a tokenizer trained on the training texts,
-    or the Hugging Face checkpoint folder ``text_checkpoint`` (which must hold a tokenizer.json).
-    """
-
-    embed_dim: int = Field(128, ge=8, description="shared image-text embedding size")
-    max_tokens: int = Field(128, ge=8, description="longer texts are truncated (and counted in a warning)")
-    # BPE by default: WordPiece training in Hugging Face tokenizers is not deterministic (tokenizers issue #1794),
-    # so two runs with the same seed would get different vocabularies.
-    tokenizer: Literal["bpe", "wordpiece"] = "bpe"
-    vocab_size: int = Field(4000, ge=100)
-    min_frequency: int = Field(2, ge=1)
-    text_checkpoint: Path | None = Field(None, description="local Hugging Face text model folder instead of scratch")
-    text_width: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    text_pooling: Literal["mean", "cls"] = "mean"
-    init_temperature: float = Field(0.07, gt=0)
-    max_logit_scale: float = Field(100.0, gt=1, description="CLIP clamps exp(logit_scale) at 100")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out images (split by patient/image)")
-    split_seed: int = 0
-    crop_scale: tuple[float, float] = Field((0.7, 1.0), description="random resized crop area range")
+# The budget when a recipe gives none.
+DEFAULT_PRETRAIN_EPOCHS = 20
 
 
 class PretrainConfig(StrictModel):
-    method: Literal["dino", "ibot", "simclr", "mocov3", "byol", "mae", "clip"] = "dino"
-    epochs: int = 20
+    """Pre-training: the method (a registered SSL method, or clip), the budget, the optimisation, and each method's
+    settings.
+
+    The budget is one of ``epochs``, ``max_steps`` or ``max_minutes`` (20 epochs when none is given); warm-ups are
+    fractions of the run, whatever its budget (docs/pretraining.md).
+    """
+
+    method: str = Field("dino", description="a registered SSL method (medfoundry.ssl.base.SSL_METHODS) or clip")
+    epochs: int | None = Field(None, gt=0, description="budget: passes over the images (20 when no budget is given)")
+    max_steps: int | None = Field(None, gt=0, description="budget: optimisation steps")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="budget: minutes of training; the step count for the schedules is estimated from the speed of the "
+        "first steps, and the run stops when the time is up",
+    )
     batch_size: int = 64
     lr: float = 5e-4
     min_lr: float = 1e-6
-    warmup_epochs: int = 2
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="share of the run over which the lr warms up")
+    warmup_epochs: int | None = Field(
+        None, ge=0, description="older recipes: the lr warm-up in whole epochs; now warmup_fraction"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (torch.set_num_threads); default: torch's"
+    )
+    init_from: str | None = Field(
+        None,
+        description="continue pre-training from this encoder (a checkpoint folder or public:NAME:PATH) with fresh SSL "
+        "heads; it replaces the model section's random weights",
+    )
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
@@ -252,62 +261,50 @@ class PretrainConfig(StrictModel):
     mae: MAEConfig = MAEConfig()
     clip: CLIPConfig = CLIPConfig()
 
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, name: str) -> str:
+        if name not in IMAGE_TEXT_METHODS and name not in SSL_METHODS:
+            raise unknown_name_error("pre-training method", name, [*SSL_METHODS.names(), *IMAGE_TEXT_METHODS])
+        return name
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PretrainConfig:
+        given = {name: getattr(self, name) for name in ("epochs", "max_steps", "max_minutes")}
+        given = {name: value for name, value in given.items() if value is not None}
+        if len(given) > 1:
+            listed = " and ".join(f"{name}={value}" for name, value in given.items())
+            keep = list(given)[-1]
+            drop = " ".join(f"-s pretrain.{name}=null" for name in given if name != keep)
+            raise ValueError(f"give one budget, epochs, max_steps or max_minutes (got {listed}); e.g. {drop}")
+        if not given:
+            self.epochs = DEFAULT_PRETRAIN_EPOCHS  # validated again on assignment: one budget then, so it stops there
+        if self.warmup_epochs is not None and "warmup_fraction" in self.model_fields_set:
+            raise ValueError("warmup_epochs is now warmup_fraction (a share of the run); give only warmup_fraction")
+        return self
+
 
 class EmbedConfig(StrictModel):
     batch_size: int = 128
     num_workers: int = 0
 
 
-class AdaptConfig(StrictModel):
-    adapters: list[Literal["linear", "knn", "fewshot", "mlp"]] = ["linear", "knn"]
-    label_fractions: list[float] = [0.01, 0.1, 1.0]
-    seeds: list[int] = [0, 1, 2]
-    min_per_class: int = 2
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    linear_c_grid: list[float] = Field(default_factory=lambda: [10.0**e for e in range(-4, 5)])
-    fewshot_temperature: float = Field(0.1, gt=0, description="softmax temperature on squared CL2N distances")
-    mlp_hidden_dim: int = Field(256, ge=1)
-    mlp_alpha_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-2, 1.0, 10.0], description="L2 strengths")
-    mlp_max_iter: int = Field(200, ge=1, description="L-BFGS iterations per fit")
-
-
-class SupervisedBaselineConfig(StrictModel):
-    """A network trained from scratch on the same labelled subset (the bar SSL must clear)."""
-
-    enabled: bool = True
-    backbone: str = "resnet18"
-    max_steps: int = 200
-    eval_every_steps: int = 20
-    patience_evals: int = 4
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-
-
-class FineTuneConfig(StrictModel):
-    """End-to-end adaptation of the pre-trained encoder on the same label subsets (off by default: it is the slow
-    rung of the ladder). ``full`` trains everything with layer-wise LR decay, ``lora`` only low-rank qkv updates."""
-
-    modes: list[Literal["full", "lora"]] = Field(default_factory=list)
-    lr: float = 1e-3
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    max_steps: int = 200
-    eval_every_steps: int = 20
-    patience_evals: int = 4
-    batch_size: int = 64
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-
-
 class EvaluateConfig(StrictModel):
-    metrics: list[str] = ["auroc", "accuracy", "balanced_accuracy"]
+    """How every metric's confidence interval is computed (patients resampled)."""
+
     n_bootstrap: int = 1000
     confidence: float = 0.95
-    eval_split: str = "test"
-    val_split: str = "val"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        # Recipes written before the one evaluation engine set these here; say where they live now.
+        if isinstance(data, dict):
+            moved = {"metrics": "data.metrics", "eval_split": "data.test_split", "val_split": "data.val_split"}
+            found = [f"evaluate.{key} is now {moved[key]}" for key in moved if key in data]
+            if found:
+                raise ValueError("; ".join(found) + " (set per task)")
+        return data
 
 
 class ExperimentConfig(StrictModel):
@@ -327,45 +324,23 @@ class ExperimentConfig(StrictModel):
     random_init_baseline: bool = True
 
 
-TaskKind = Literal["binary", "multiclass", "ordinal", "multilabel"]
-# Defaults per task kind: the first metric is the headline one (ordinal grades are judged by quadratic kappa, as in
-# the DR-grading literature); ECE is last because it says how far to trust the probabilities, not how good they rank.
-KIND_METRICS: dict[str, list[str]] = {
-    "binary": ["auroc", "balanced_accuracy", "f1", "ece"],
-    "multiclass": ["auroc", "balanced_accuracy", "accuracy", "f1", "ece"],
-    "ordinal": ["kappa", "balanced_accuracy", "auroc", "ece"],
-    # Per-label AUROC averaged over labels: the metrics that pick one class per case do not apply.
-    "multilabel": ["auroc"],
-}
-
-
-class SuiteTaskConfig(StrictModel):
+class TaskConfig(TaskSource):
     """One labelled task of a suite: a dataset, its splits and how it is scored."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="used in results, report and file names")
-    source: str = Field(description="dataset spec: file.npz, folder, csv:..., idrid:..., or prefix:path")
-    options: dict[str, Any] = Field(default_factory=dict, description="reader arguments, e.g. {image_size: 64}")
-    kind: TaskKind | None = Field(
-        None, description="binary / multiclass / ordinal / multilabel; inferred from the labels if unset"
-    )
-    metrics: list[str] | None = Field(None, description="default by kind; the first is the headline metric")
-    val_split: str = "val"
-    test_split: str = "test"
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="carved from train, by patient, when there is no val")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="carved from train, by patient, when there is no test")
-    split_seed: int = 0
 
 
-class SuiteEncoderConfig(StrictModel):
-    """One encoder of a suite, from exactly one of: a checkpoint folder, a backbone name (random weights), or a
-    pre-training recipe (pre-trained once inside the suite's folder; ``untrained: true`` gives the recipe's model
-    with its random initial weights, the fair baseline for it)."""
+class EncoderConfig(StrictModel):
+    """One encoder of a suite, from exactly one of: a checkpoint folder, a backbone name (random weights), a model
+    section (random weights, as a recipe's ``model``), or a pre-training recipe (pre-trained once inside the suite's
+    folder; ``untrained: true`` gives the recipe's model with its random initial weights, the fair baseline)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     checkpoint: Path | None = Field(
         None, description="a checkpoint folder, a public model from local weights (public:NAME:PATH) or 2.5d:FOLDER"
     )
     backbone: str | None = None
+    model: ModelConfig | None = Field(None, description="a recipe's model section; random weights from `seed`")
     recipe: Path | None = Field(None, description="an ExperimentConfig YAML whose model and pretrain sections are used")
     untrained: bool = False
     overrides: list[str] = Field(default_factory=list, description="dotted recipe overrides, e.g. pretrain.epochs=10")
@@ -380,22 +355,27 @@ class SuiteEncoderConfig(StrictModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_source(self) -> SuiteEncoderConfig:
-        given = [name for name in ("checkpoint", "backbone", "recipe") if getattr(self, name) is not None]
+    def _one_source(self) -> EncoderConfig:
+        given = [name for name in ("checkpoint", "backbone", "model", "recipe") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"encoder '{self.name}' needs exactly one of checkpoint, backbone, recipe (got {given})")
+            raise ValueError(
+                f"encoder '{self.name}' needs exactly one of checkpoint, backbone, model, recipe (got {given})"
+            )
         if (self.untrained or self.pretrain_task or self.overrides) and self.recipe is None:
             raise ValueError(f"encoder '{self.name}': untrained, overrides and pretrain_task go with a recipe")
         return self
 
 
-class SuiteComparisonConfig(StrictModel):
+class ComparisonConfig(StrictModel):
     """Which paired comparisons the suite computes (on each task's headline metric, per label fraction)."""
 
     baseline_encoder: str | None = Field(
         None, description="compare every other encoder with this one, adapter by adapter"
     )
     reference_adapter: str | None = Field("linear", description="compare every other adapter of an encoder with it")
+    scratch_baseline: bool = Field(
+        True, description="compare every encoder and adapter with the supervised-from-scratch baseline, if it runs"
+    )
     n_bootstrap: int = Field(2000, ge=100)
 
 
@@ -403,21 +383,25 @@ class SuiteConfig(StrictModel):
     """Tasks x encoders x adapters x label fractions x seeds (``medfoundry eval suite.yaml``).
 
     ``adapt`` lists the probes on frozen embeddings and ``finetune.modes`` the end-to-end rungs; both run on the
-    same label subsets. ``evaluate`` gives the bootstrap settings; metrics and splits are set per task.
+    same label subsets, and so does ``supervised_baseline`` (a network trained from scratch) when given.
+    ``evaluate`` gives the bootstrap settings; metrics and splits are set per task.
     """
 
     name: str = "suite"
     output_dir: Path = Path("runs/suite")
-    tasks: list[SuiteTaskConfig] = Field(min_length=1)
-    encoders: list[SuiteEncoderConfig] = Field(min_length=1)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    encoders: list[EncoderConfig] = Field(default_factory=list, description="none only for feature-file tasks")
     embed: EmbedConfig = EmbedConfig()
     adapt: AdaptConfig = AdaptConfig()
     finetune: FineTuneConfig = FineTuneConfig()
     finetune_label_fractions: list[float] | None = Field(
         None, description="fractions fine-tuning runs at (default: adapt.label_fractions); it is the slow rung"
     )
+    supervised_baseline: SupervisedBaselineConfig | None = Field(
+        None, description="train this network from scratch on every task's label subsets (off when absent)"
+    )
     evaluate: EvaluateConfig = EvaluateConfig()
-    comparisons: SuiteComparisonConfig = SuiteComparisonConfig()
+    comparisons: ComparisonConfig = ComparisonConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> SuiteConfig:
@@ -467,15 +451,62 @@ def load_config(model: type[T], path: Path | None = None, overrides: list[str] |
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise MedfoundryError(f"not valid YAML: {error}", path) from None
+            raise MedfoundryError(f"not valid YAML: {_yaml_problem(error)}", path) from None
         if not isinstance(data, dict):
             raise MedfoundryError("config must be a mapping of sections", path)
     data = apply_overrides(data, overrides or [])
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(_problem(model, e) for e in error.errors())
         raise MedfoundryError(f"invalid config: {problems}", path) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line for a YAML error (PyYAML's own message spans several lines and quotes the file)."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = error.problem or error.context or "cannot parse"
+        return where + what
+    return " ".join(str(error).split())
+
+
+def _problem(model: type[BaseModel], error: Any) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        # Suggested among the section's own fields, then named in full: "pretrain.epoch" -> "pretrain.epochs".
+        section = "".join(f"{part}." for part in loc[:-1])
+        hint = did_you_mean(loc[-1], _fields_at(model, error["loc"][:-1]), prefix=section)
+        return f"{key}: unknown key;{hint}" if hint else f"{key}: unknown key"
+    # pydantic prefixes the message of a ValueError raised in a validator; the message says it all.
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the settings class at ``loc`` (list indices and dict keys passed through)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel) and isinstance(part, str):
+            if part not in current.model_fields:
+                return []
+            current = _settings_class(current.model_fields[part].annotation)
+        elif current is None:
+            return []
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _settings_class(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list, tuple, dict):
+        for arg in typing.get_args(annotation):
+            found = _settings_class(arg)
+            if found is not None:
+                return found
+    return None
 
 
 def dump_config(config: BaseModel) -> dict[str, Any]:

@@ -84,12 +84,17 @@ def init_distributed() -> DistEnv:
 
     NCCL with one GPU per rank (``cuda:LOCAL_RANK``) when CUDA is available, gloo on the CPU otherwise. Without
     torchrun (no WORLD_SIZE, or WORLD_SIZE=1) nothing is initialised and the single-process environment is
-    returned. Calling it again returns the group already joined. Ranks other than 0 log warnings and errors only.
+    returned, on the current GPU when there is one. Calling it again returns the group already joined. Ranks other
+    than 0 log warnings and errors only.
     """
     if dist.is_available() and dist.is_initialized():
         return _current()
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
+        # The trainer computes on env.device: a CPU default here left single-process pre-training on the CPU of
+        # GPU machines (benchmarks/gpu_check.py).
+        if torch.cuda.is_available():
+            return DistEnv(device=torch.device("cuda", torch.cuda.current_device()))
         return DistEnv()
     if not dist.is_available():
         raise MedfoundryError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from medfoundry.adapt.selection import expand_proba
+from medfoundry.adapt.registry import ADAPTERS
+from medfoundry.adapt.selection import Selection, choose_threshold, expand_proba
 from medfoundry.errors import DataError
+
+if TYPE_CHECKING:
+    from medfoundry.adapt.registry import AdaptConfig
 
 # Norms below this are treated as zero: a feature equal to the support mean has no direction.
 _EPS = 1e-12
@@ -39,6 +45,8 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
 
 
+# Class means of the given cases: no seed enters the fit.
+@ADAPTERS.register("fewshot", deterministic=True)
 class PrototypeClassifier(ClassifierMixin, BaseEstimator):
     """Nearest class mean on CL2N features: centred on the support mean, then L2-normalised.
 
@@ -51,12 +59,28 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
 
     The temperature only changes calibration and the multi-class AUROC ranking, never the predicted class;
     squared distances between unit vectors lie in [0, 4], so 0.1 gives clearly peaked but finite softmaxes.
-    Validation data are accepted for the common interface and not used: there is nothing to tune.
+    There is nothing to tune but, for a binary task, the decision threshold ``threshold_`` on the positive class's
+    probability: Youden's J on out-of-fold probabilities inside the support set (``selection="cv"``) or on the
+    validation split (``"val"``); None when it cannot be chosen (see ``medfoundry.adapt.selection``).
     """
 
-    def __init__(self, temperature: float = 0.1, n_classes: int | None = None) -> None:
+    def __init__(
+        self, temperature: float = 0.1, n_classes: int | None = None, selection: Selection = "cv", folds: int = 5
+    ) -> None:
         self.temperature = temperature
         self.n_classes = n_classes
+        self.selection = selection
+        self.folds = folds
+
+    @classmethod
+    def from_settings(cls, config: AdaptConfig, seed: int, n_classes: int) -> PrototypeClassifier:
+        # Every labelled example of a label fraction is handed over as the few-shot support set.
+        return cls(
+            temperature=config.fewshot_temperature,
+            n_classes=n_classes,
+            selection=config.selection,
+            folds=config.selection_folds,
+        )
 
     def fit(
         self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None
@@ -75,6 +99,14 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
         self.mean_ = X.mean(axis=0)
         support = self.transform(X)
         self.prototypes_ = np.stack([support[y == c].mean(axis=0) for c in self.classes_])
+        self.threshold_: float | None = None
+        if self.n_classes_ == 2:
+
+            def fit_predict(X_fit: np.ndarray, y_fit: np.ndarray, X_held: np.ndarray) -> np.ndarray:
+                fold = PrototypeClassifier(self.temperature, self.n_classes_, selection="val")
+                return fold.fit(X_fit, y_fit).predict_proba(X_held)
+
+            self.threshold_ = choose_threshold(fit_predict, X, y, X_val, y_val, self.selection, self.folds)
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
@@ -95,4 +127,5 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
         return expand_proba(proba, self.classes_, self.n_classes_)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        # The arg-max; ``threshold_`` is applied where metrics are computed.
         return self.predict_proba(X).argmax(axis=1)

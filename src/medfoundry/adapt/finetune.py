@@ -21,16 +21,36 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from medfoundry.adapt.embed import prepare_batch
+from medfoundry.adapt.selection import youden_threshold
 from medfoundry.adapt.supervised import TrainLog, _stack, train_with_early_stopping
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import ModelError
 from medfoundry.evaluate.metrics import auroc
 from medfoundry.models.backbones import TOKEN_PARAMETERS, Encoder, is_vit, skips_weight_decay
+from medfoundry.models.features import prepare_batch
+from medfoundry.settings import StrictModel
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+class FineTuneConfig(StrictModel):
+    """End-to-end adaptation of the pre-trained encoder on the same label subsets (off by default: it is the slow
+    rung of the ladder). ``full`` trains everything with layer-wise LR decay, ``lora`` only low-rank qkv updates."""
+
+    modes: list[Literal["full", "lora"]] = Field(default_factory=list)
+    lr: float = 1e-3
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    max_steps: int = 200
+    eval_every_steps: int = 20
+    patience_evals: int = 4
+    batch_size: int = 64
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
 
 
 def vit_layer_id(name: str, num_layers: int) -> int:
@@ -140,7 +160,7 @@ class FineTuner:
         # Seeded here so the head and the LoRA matrices start the same for the same seed.
         torch.manual_seed(self.seed)
         self.encoder_ = copy.deepcopy(self.encoder)
-        self.head_ = nn.Linear(self.encoder_.embed_dim, self.n_classes)
+        self.head_ = nn.Linear(self.encoder_.embed_dim, self.n_classes).to(self.encoder_.mean.device)
         if self.mode == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -169,11 +189,13 @@ class FineTuner:
         return self
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(self.encoder_.mean.device)
         if self.multilabel_:
             return F.binary_cross_entropy_with_logits(self._logits(x), y)
         return F.cross_entropy(self._logits(x), y)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.encoder_.mean.device, non_blocking=True)
         return self.head_(self.encoder_(prepare_batch(self.encoder_, x)))
 
     @torch.inference_mode()
@@ -183,7 +205,7 @@ class FineTuner:
         # Multi-label heads give one independent probability per label; single-label heads a distribution.
         activate = torch.sigmoid if self.multilabel_ else (lambda logits: F.softmax(logits, dim=1))
         chunks = [activate(self._logits(x[i : i + 256])) for i in range(0, len(x), 256)]
-        return torch.cat(chunks).double().numpy()
+        return torch.cat(chunks).double().cpu().numpy()
 
     def fit(self, train: ImageSet, val: ImageSet | None = None) -> FineTuner:
         labels = None if train.labels is None else np.asarray(train.labels)
@@ -217,6 +239,9 @@ class FineTuner:
             self.history_.best_step,
             self.history_.best_score,
         )
+        # The decision threshold comes from the same validation cases that chose the stopping step.
+        binary = not self.multilabel_ and self.n_classes == 2 and val is not None
+        self.threshold_ = youden_threshold(np.asarray(val.labels), self._proba(x_val)[:, 1]) if binary else None
         self.seconds_ = time.perf_counter() - started
         return self
 

@@ -17,10 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medfoundry.config import SupervisedBaselineConfig
+from medfoundry.adapt.selection import youden_threshold
 from medfoundry.data.sample import ImageSet
 from medfoundry.evaluate.metrics import auroc
 from medfoundry.models.backbones import create_encoder
+from medfoundry.settings import StrictModel
+
+
+class SupervisedBaselineConfig(StrictModel):
+    """A network trained from scratch on the same labelled subset (the bar SSL must clear)."""
+
+    enabled: bool = True
+    backbone: str = "resnet18"
+    max_steps: int = 200
+    eval_every_steps: int = 20
+    patience_evals: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
 
 
 def _stack(images: ImageSet) -> torch.Tensor:
@@ -148,6 +162,9 @@ class SupervisedFromScratch:
             generator=torch.Generator().manual_seed(self.seed),
         )
         self.steps_, self.best_step_ = log.steps, log.best_step
+        # The decision threshold comes from the same validation cases that chose the stopping step.
+        binary = self.n_classes == 2 and val is not None
+        self.threshold_ = youden_threshold(np.asarray(val.labels), self._proba(x_val)[:, 1]) if binary else None
         self.seconds_ = time.perf_counter() - started
         self.trainable_parameters_ = sum(p.numel() for p in params)
         return self

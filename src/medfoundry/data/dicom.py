@@ -2,21 +2,21 @@
 
 ``FOLDER`` is either one series (its files anywhere below it), or a folder whose subfolders each hold one
 series (a PACS export: one subfolder per study or patient). Every series is read with
-:func:`medfoundry.data.volume.load_dicom_series` (sorted along the slice normal, Hounsfield units, RAS+), turned
-to (z, y, x) like the NIfTI reader's volumes, and cut into windowed crops by the same rules
-(:mod:`medfoundry.data.nifti`). The scan name, which becomes the patient id that keeps a scan's crops in one
-split, is the subfolder's name; file names and DICOM patient tags are never used, so no identifier leaks into
-ids, logs or reports.
+:func:`medfoundry.data.volume.load_dicom_series` (sorted along the slice normal, Hounsfield units, RAS+) and cut
+into windowed crops by the NIfTI reader's rules and in its (z, y, x) layout (:mod:`medfoundry.data.nifti`).
+The scan name, which becomes the patient id that keeps a scan's crops in one split, is the subfolder's name;
+file names and DICOM patient tags are never used, so no identifier leaks into ids, logs or reports.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from medfoundry.data.nifti import crop_volumes
 from medfoundry.data.sample import Splits
-from medfoundry.data.volume import load_dicom_series
+from medfoundry.data.volume import Volume, load_dicom_series
 from medfoundry.errors import DataError
 
 
@@ -43,11 +43,8 @@ def load_dicom_crops(
     path = Path(path)
     folders = series_folders(path)
 
-    def scans():  # noqa: ANN202 - a generator of (name, volume, spacing)
+    def scans() -> Iterator[tuple[str, Volume]]:
         for folder in folders:
-            volume = load_dicom_series(folder, series_uid=series_uid)
-            zyx = volume.array.transpose(2, 1, 0)
-            spacing = tuple(float(v) for v in volume.spacing[::-1])
-            yield (folder.name if folder != path else path.name), zyx, spacing
+            yield (folder.name if folder != path else path.name), load_dicom_series(folder, series_uid=series_uid)
 
     return crop_volumes(scans(), path, name or path.name, **crop)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
-from medfoundry.data.manifest import file_list_digest
+from medfoundry.data.manifest import file_list_digest, too_large_error
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import DataError
 from medfoundry.transforms.ophthalmology import FOV_THRESHOLD, fov_mask
@@ -108,7 +108,10 @@ def _decode(
             return image.convert("RGB"), original_size
     except FileNotFoundError as exc:
         raise DataError("image file not found", source) from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise too_large_error(exc, source) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        # Pillow's format plugins signal some broken headers with SyntaxError.
         raise DataError(f"cannot read image ({' '.join(str(exc).split())[:200]})", source) from exc
 
 

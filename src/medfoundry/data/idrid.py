@@ -12,6 +12,8 @@ empty trailing columns. The images in each split folder are the samples, so a fo
 official images (the shared copy has 50 of the 413 training images) is fine, while an image without a label row
 is an error. Train and test both start at ``IDRiD_001`` but are different photographs, so ids (and patient ids:
 IDRiD gives no patient) are prefixed with the split, e.g. ``train/IDRiD_001``. There is no validation split.
+One photograph is in both official splits: training ``IDRiD_118`` (DR grade 0) and test ``IDRiD_064`` (grade 3) are
+the same file byte for byte; ``load_dataset`` warns about it and keeps the official splits.
 """
 
 from __future__ import annotations

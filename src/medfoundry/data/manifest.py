@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medfoundry.data.sample import ImageSet, Splits
-from medfoundry.errors import DataError
+from medfoundry.errors import DataError, first_line, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SPLIT_NAMES = ("train", "val", "test")
@@ -142,18 +142,32 @@ def read_image(path: Path, image_size: tuple[int, int] | None = None, channels: 
 
 def decode_image(path: Path, channels: int | None = None) -> Image.Image:
     """The decoded file as an 8-bit Pillow image (mode L or RGB, or as ``channels``); DataError naming the file."""
-    try:
-        with Image.open(path) as image:
-            image = _to_8bit(image)
-            if channels is not None:
-                # Grey X-rays are often saved as RGB with three equal channels; a 1-channel model wants one.
-                image = image.convert("L" if channels == 1 else "RGB")
-            image.load()
-            return image
-    except FileNotFoundError as exc:
-        raise DataError("image file not found", path) from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read image ({' '.join(str(exc).split())[:200]})", path) from exc
+    # Pixels are decoded lazily, after load_dataset has returned, so this is the one-line rule for pixel reads.
+    with one_line(path, "image"):
+        try:
+            with Image.open(path) as image:
+                image = _to_8bit(image)
+                if channels is not None:
+                    # Grey X-rays are often saved as RGB with three equal channels; a 1-channel model wants one.
+                    image = image.convert("L" if channels == 1 else "RGB")
+                image.load()
+                return image
+        except FileNotFoundError as exc:
+            raise DataError("image file not found", path) from exc
+        except Image.DecompressionBombError as exc:
+            raise too_large_error(exc, path) from exc
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataError(f"cannot read image ({' '.join(str(exc).split())[:200]})", path) from exc
+
+
+def too_large_error(error: Image.DecompressionBombError, path: Path | None) -> DataError:
+    """The one-line error for an image over Pillow's pixel limit (shared by every reader that decodes images)."""
+    # Pillow refuses images over 2x its pixel limit before decoding, as a guard against decompression bombs.
+    return DataError(
+        f"image too large to decode ({first_line(error)}); if it is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
+        "or cut it into tiles",
+        path,
+    )
 
 
 def _to_array(image: Image.Image, image_size: tuple[int, int] | None) -> np.ndarray:
@@ -190,6 +204,8 @@ def load_manifest(
     channels: int | None = None,
     crop_size: int | None = None,
     crop_stride: int | None = None,
+    patient_regex: str | None = None,
+    patient_splits: Mapping[str, Sequence[str] | str] | None = None,
 ) -> Splits:
     """Load images listed in a CSV with columns ``path,label[,patient_id][,split]``.
 
@@ -204,6 +220,12 @@ def load_manifest(
     self-supervised pre-training). ``channels`` (1 or 3) converts every image to grey or RGB; by default each
     file keeps its own.
 
+    ``patient_regex`` derives the patient id from the patient column's value (or from the file stem when there is
+    no patient column), as for :func:`load_image_folder`: the named group ``patient`` or the first group that
+    matched, e.g. ``^(Case-\\d+|P\\d+)-`` turns the tile id ``Case-3-A15-2939-11262`` into ``Case-3``; a value
+    that does not match is kept whole. ``patient_splits`` assigns whole patients to splits instead of a split
+    column, e.g. ``{"test": ["Case-4"], "val": ["P9"]}``; every other patient goes to ``train``.
+
     ``crop_size`` turns each image into the grid of square crops at every ``crop_stride`` pixels (default
     ``crop_size``: non-overlapping); a remainder narrower than a crop at the right or bottom is dropped. Each
     crop is a sample with id ``<image id>@<x>_<y>`` (its top-left corner), the row's label and the row's
@@ -211,8 +233,9 @@ def load_manifest(
     sizes are read from the file headers only.
 
     Raises:
-        DataError: missing file or column, empty label/split cell, a path that does not exist, an image
-            smaller than ``crop_size``, class names that disagree with the label indices.
+        DataError: missing file or column, empty or missing-value (``nan``, ``NA``, ...) label cell, empty split
+            cell, a path that does not exist, an image smaller than ``crop_size``, class names that disagree with
+            the label indices, ``patient_splits`` naming an unknown patient or one patient twice.
     """
     csv_path = Path(csv_path)
     columns, rows = _read_csv(csv_path)
@@ -228,12 +251,21 @@ def load_manifest(
     paths = [_resolve_row_path(row[path_column], base, line, csv_path) for line, row in _numbered(rows)]
     ids = _unique_ids([row[path_column] for row in rows])
     patient_column = patient_column or DEFAULT_PATIENT_COLUMN
-    patients = [(row.get(patient_column) or "").strip() or sid for row, sid in zip(rows, ids, strict=True)]
-    splits = _row_splits(rows, split_column if split_column in columns else None, csv_path)
+    pattern = _patient_pattern(patient_regex, csv_path)
+    cells = [(row.get(patient_column) or "").strip() for row in rows]
+    patients = [
+        _patient_from_stem(cell or Path(sid).name, pattern, cell or sid) for cell, sid in zip(cells, ids, strict=True)
+    ]
+    if patient_splits is not None:
+        if split_column in columns:
+            raise DataError(f"give either a {split_column!r} column or patient_splits, not both", csv_path)
+        splits = _splits_by_patient(patients, patient_splits, csv_path)
+    else:
+        splits = _row_splits(rows, split_column if split_column in columns else None, csv_path)
     labels: np.ndarray | None = None
     class_names: list[str] | None = None
     if label_column:
-        labels, class_names = _encode_labels([row[label_column] for row in rows], csv_path)
+        labels, class_names = _encode_labels([row[label_column] for row in rows], label_column, csv_path)
     if class_name_column:
         class_names = _class_names_by_index(labels, class_names, rows, class_name_column, csv_path)
     if crop_size is None:
@@ -360,6 +392,8 @@ def _header_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
+    except Image.DecompressionBombError as exc:
+        raise too_large_error(exc, path) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot read image ({' '.join(str(exc).split())[:200]})", path) from exc
 
@@ -397,10 +431,14 @@ def _resolve_row_path(value: str | None, base: Path, line: int, csv_path: Path) 
 
 
 def _unique_ids(raw_paths: list[str]) -> list[str]:
-    stems = [Path(p.strip()).stem for p in raw_paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [Path(p.strip()).with_suffix("").as_posix() for p in raw_paths]
+    """File stems, or relative paths where stems repeat: without the suffix, or with it when ``x.png`` and
+    ``x.jpg`` both exist. A file listed twice keeps one id for both rows, so the duplicate is refused later
+    (:func:`medfoundry.data.splits.check_disjoint`) instead of passing as two samples."""
+    for key in (lambda p: p.stem, lambda p: p.with_suffix("").as_posix(), lambda p: p.as_posix()):
+        ids = [key(Path(p.strip())) for p in raw_paths]
+        if len(set(ids)) == len(set(Path(p.strip()).as_posix() for p in raw_paths)):
+            return ids
+    return ids
 
 
 def _row_splits(rows: list[dict[str, str]], split_column: str | None, csv_path: Path) -> list[str]:
@@ -415,17 +453,59 @@ def _row_splits(rows: list[dict[str, str]], split_column: str | None, csv_path: 
     return splits
 
 
-def _encode_labels(values: list[str | None], csv_path: Path) -> tuple[np.ndarray, list[str] | None]:
+def _splits_by_patient(
+    patients: list[str], patient_splits: Mapping[str, Sequence[str] | str], csv_path: Path
+) -> list[str]:
+    assigned: dict[str, str] = {}
+    for split, members in patient_splits.items():
+        if isinstance(members, str):
+            members = [members]  # a single patient written without a list in YAML
+        for patient in members:
+            if assigned.setdefault(str(patient), split) != split:
+                raise DataError(
+                    f"patient_splits puts patient {patient!r} in both {assigned[str(patient)]!r} and {split!r}",
+                    csv_path,
+                )
+    unknown = sorted(set(assigned) - set(patients))
+    if unknown:
+        known = sorted(set(patients))
+        shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
+        raise DataError(f"patient_splits names patient(s) {unknown} not in the manifest; patients: {shown}", csv_path)
+    return [assigned.get(patient, DEFAULT_SPLIT) for patient in patients]
+
+
+# Cells that spreadsheets and pandas write for a missing value. As labels they would silently become one more
+# class (sorted among the real ones), so they are refused like an empty cell.
+_MISSING_LABELS = frozenset({"", "nan", "-nan", "na", "n/a", "#n/a", "<na>", "null", "none"})
+
+
+def _encode_labels(values: list[str | None], column: str, csv_path: Path) -> tuple[np.ndarray, list[str] | None]:
     cleaned = [(value or "").strip() for value in values]
     for line, value in enumerate(cleaned, start=2):
-        if not value:
-            raise DataError(f"row {line}: missing label", csv_path)
+        if value.lower() in _MISSING_LABELS:
+            shown = f" ({value!r})" if value else ""
+            raise DataError(
+                f"row {line}: missing label{shown} in column {column!r}; label every row, or read the manifest "
+                "unlabelled with label_column=None",
+                csv_path,
+            )
     try:
-        return np.array([int(value) for value in cleaned], dtype=np.int64), None
+        labels = np.array([int(value) for value in cleaned], dtype=np.int64)
     except ValueError:
         class_names = sorted(set(cleaned))
         index = {name: i for i, name in enumerate(class_names)}
         return np.array([index[value] for value in cleaned], dtype=np.int64), class_names
+    except OverflowError:
+        raise DataError(f"column {column!r} holds an integer too large for a class index", csv_path) from None
+    if (labels < 0).any():
+        # As in the npz reader: a -1 "unknown" marker would index the last class and break per-class counts.
+        line = int(np.flatnonzero(labels < 0)[0]) + 2
+        raise DataError(
+            f"row {line}: negative label {labels[line - 2]} in column {column!r}; labels must be class indices "
+            "0, 1, ... (or class names)",
+            csv_path,
+        )
+    return labels, None
 
 
 def _group_by_split(

@@ -48,6 +48,8 @@ def load_medmnist_npz(
 
     MedMNIST has no patient ids, so ``patient_ids`` equals the sample ids ``"{split}_{i:05d}"``. A
     patient-level split is therefore impossible with these files; the official splits are used as given.
+    ``load_dataset`` compares them pixel for pixel and warns about images found in two splits (the official
+    BreastMNIST has one: ``train_00115``, label 0, is ``test_00076``, label 1).
 
     Args:
         path: the ``.npz`` file.
@@ -58,7 +60,8 @@ def load_medmnist_npz(
             because they usually mean a broken export and silently poison training.
 
     Raises:
-        DataError: missing, corrupt or malformed file; NaN/inf values; constant images.
+        DataError: missing, corrupt or malformed file; NaN/inf values; negative labels; complex-valued images or
+            labels; constant images.
     """
     path = Path(path)
     if ndim not in (None, 2, 3):
@@ -135,13 +138,23 @@ def _normalise_labels(labels: np.ndarray, split: str, path: Path) -> np.ndarray:
         labels = labels[:, 0]
     if labels.ndim not in (1, 2):
         raise DataError(f"{split}_labels has shape {labels.shape}; expected (N,), (N, 1) or (N, K)", path)
-    if not np.issubdtype(labels.dtype, np.number) and labels.dtype != np.bool_:
-        raise DataError(f"{split}_labels has non-numeric dtype {labels.dtype}", path)
+    if (not np.issubdtype(labels.dtype, np.number) and labels.dtype != np.bool_) or np.iscomplexobj(labels):
+        raise DataError(f"{split}_labels has non-numeric or complex dtype {labels.dtype}", path)
     if np.issubdtype(labels.dtype, np.floating):
         _check_finite(labels, f"{split}_labels", path)
         if not np.array_equal(labels, np.round(labels)):
             bad = _first_indices(np.any((labels != np.round(labels)).reshape(len(labels), -1), axis=1))
             raise DataError(f"{split}_labels are not whole numbers (first at index {bad})", path)
+    # Class indices and 0/1 label columns are never negative; a -1 (a common "unknown" marker) would index the
+    # last class, and a negative count breaks every per-class tally downstream.
+    negative = (labels < 0).reshape(len(labels), -1).any(axis=1)
+    if negative.any():
+        first = int(np.flatnonzero(negative)[0])
+        raise DataError(
+            f"{split}_labels has {int(negative.sum())} negative label(s), first {labels[first].tolist()} at "
+            f"index {first}; labels must be class indices 0, 1, ... (or 0/1 columns)",
+            path,
+        )
     return labels.astype(np.int64)
 
 
@@ -170,6 +183,9 @@ def _channels_first(images: np.ndarray, is_3d: bool | None, split: str, path: Pa
 def _check_images(images: np.ndarray, split: str, path: Path, allow_constant: bool) -> None:
     if images.dtype == np.bool_ or not np.issubdtype(images.dtype, np.number):
         raise DataError(f"{split}_images has non-numeric dtype {images.dtype}", path)
+    if np.iscomplexobj(images):
+        # Casting to float would silently drop the imaginary part (e.g. raw k-space saved instead of magnitudes).
+        raise DataError(f"{split}_images is complex-valued ({images.dtype}); save magnitudes (np.abs) instead", path)
     if np.issubdtype(images.dtype, np.floating):
         _check_finite(images, f"{split}_images", path)
     if allow_constant:

@@ -1,9 +1,9 @@
 """Cubic crops from NIfTI CT volumes (``.nii`` / ``.nii.gz``, one file or a folder), for 3D SSL pre-training.
 
-Each volume is read with nibabel, reoriented to RAS+ (``nibabel.as_closest_canonical``) so every file has the
-same axis directions, and stored as (D, H, W) = (z, y, x): slices first, as MedMNIST-3D and PyTorch order
-volumes. A CT window (default -1000..1000 HU) maps intensities to 0..1 float32. The volume is then cut into
-cubic crops of ``crop_size`` voxels at every ``stride`` (default ``crop_size``: non-overlapping). Decisions:
+Each volume is read by :func:`medfoundry.data.volume.load_nifti_volume` (RAS+, with its geometry) and turned
+into the models' (D, H, W) = (z, y, x) layout by :meth:`~medfoundry.data.volume.Volume.to_dhw`, the one place
+that converts. A CT window (default -1000..1000 HU) maps intensities to 0..1 float32. The volume is then cut
+into cubic crops of ``crop_size`` voxels at every ``stride`` (default ``crop_size``: non-overlapping). Decisions:
 
 * an axis shorter than ``crop_size`` is padded at its far end with the window's lower value (0 after
   windowing: air, as outside a CT's field of view), so a thin stack still yields crops; corners stay true voxel
@@ -12,7 +12,7 @@ cubic crops of ``crop_size`` voxels at every ``stride`` (default ``crop_size``: 
   of its voxels are above ``tissue_hu`` (default -500 HU, between air at -1000 and fat at about -100; lung
   parenchyma at about -850 counts as air here).
 * no resampling: voxel spacing differs between scans and is recorded, not changed. ``spacing_mm`` on the
-  returned set maps each scan (patient id) to its (z, y, x) spacing in mm from the header.
+  returned set maps each scan (patient id) to its (z, y, x) spacing in mm, the crops' axis order.
 
 Ids are ``{scan}@z{z}y{y}x{x}`` (the crop's corner in the reoriented volume); ``patient_ids`` are the scan
 names (file name without ``.nii``/``.nii.gz``, with its folder relative to the dataset folder), so crops of one
@@ -21,17 +21,14 @@ scan always stay in one group. There is one split, ``train``, with no labels: th
 
 from __future__ import annotations
 
-import gzip
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
 
 from medfoundry.data.sample import ArrayImageSet, Splits
+from medfoundry.data.volume import Volume, load_nifti_volume
 from medfoundry.errors import DataError
 
 SUFFIXES = (".nii", ".nii.gz")
@@ -61,7 +58,7 @@ def load_nifti_crops(
     """
     path = Path(path)
     files = _volume_files(path)
-    scans = ((_scan_name(file, path), *_read_volume(file)) for file in files)
+    scans = ((_scan_name(file, path), load_nifti_volume(file)) for file in files)
     return crop_volumes(
         scans,
         path,
@@ -75,7 +72,7 @@ def load_nifti_crops(
 
 
 def crop_volumes(
-    scans: Iterable[tuple[str, np.ndarray, tuple[float, float, float]]],
+    scans: Iterable[tuple[str, Volume]],
     source: Path,
     name: str,
     *,
@@ -85,8 +82,8 @@ def crop_volumes(
     tissue_hu: float = -500.0,
     min_tissue_fraction: float = 0.1,
 ) -> Splits:
-    """Windowed cubic crops of (scan name, (z, y, x) HU volume, (z, y, x) spacing) triples, as ``{"train": set}``;
-    shared by the NIfTI and DICOM readers (the decisions are in this module's docstring)."""
+    """Windowed cubic crops of (scan name, HU volume) pairs, as ``{"train": set}``; shared by the NIfTI and DICOM
+    readers (the decisions are in this module's docstring)."""
     stride = stride or crop_size
     low, high = float(window[0]), float(window[1])
     if crop_size < 1 or stride < 1:
@@ -97,8 +94,8 @@ def crop_volumes(
     ids: list[str] = []
     patients: list[str] = []
     spacing: dict[str, tuple[float, float, float]] = {}
-    for scan, volume, scan_spacing in scans:
-        spacing[scan] = scan_spacing
+    for scan, ras in scans:
+        volume, spacing[scan] = ras.to_dhw()
         windowed = np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
         tissue_level = float(np.clip((tissue_hu - low) / (high - low), 0.0, 1.0))
         for corner, crop in _cut(windowed, crop_size, stride):
@@ -148,24 +145,6 @@ def _scan_name(file: Path, root: Path) -> str:
 
 def _dataset_name(path: Path) -> str:
     return path.name if path.is_dir() else _scan_name(path, path)
-
-
-def _read_volume(file: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The volume as float32 (z, y, x) in RAS+ orientation, and its (z, y, x) spacing in mm."""
-    try:
-        image = nib.as_closest_canonical(nib.load(file))
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-    except (ImageFileError, OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as error:
-        raise DataError(f"not a readable NIfTI volume ({type(error).__name__}: {error})", file) from None
-    # A trailing axis of length 1 (a 4D file holding one 3D volume) is common and harmless.
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"expected a 3D volume, got shape {data.shape}", file)
-    if not np.isfinite(data).all():
-        raise DataError(f"volume contains {int((~np.isfinite(data)).sum())} NaN or inf voxel(s)", file)
-    zooms = [float(z) for z in image.header.get_zooms()[:3]]
-    return np.ascontiguousarray(data.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
 
 
 def _cut(volume: np.ndarray, size: int, stride: int) -> list[tuple[tuple[int, int, int], np.ndarray]]:

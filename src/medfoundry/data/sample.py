@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medfoundry.errors import DataError
+
 
 class ImageSet(ABC):
     """A sequence of images (channels first: (C,H,W) or (C,D,H,W)) with ids, patient ids and labels.
@@ -57,6 +59,13 @@ class ArrayImageSet(ImageSet):
     patient_ids: list[str]
     labels: np.ndarray | None = None
     _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # Every consumer casts to float32, which silently keeps only the real part of complex pixels.
+        if np.iscomplexobj(self.images):
+            raise DataError(
+                f"images of {self.name!r} are complex-valued ({self.images.dtype}); use magnitudes", self.source
+            )
 
     def load(self, index: int) -> np.ndarray:
         return self.images[index]

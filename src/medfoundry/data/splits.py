@@ -1,14 +1,195 @@
-"""Label-fraction subsets and patient-grouped splits, both deterministic per seed."""
+"""Label-fraction subsets and patient-grouped splits, both deterministic per seed, and the check that the splits a
+dataset arrives with share no patient and no image (:func:`check_disjoint`, run by every ``load_dataset``)."""
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import Counter
 from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from medfoundry.data.sample import ImageSet, Splits
+from medfoundry.errors import DataError
+
 DEFAULT_SPLIT_NAMES = {2: ("train", "val"), 3: ("train", "val", "test")}
+_OVERRIDE = "pass allow_split_overlap=True to accept it"
+
+
+class SplitOverlapWarning(UserWarning):
+    """Splits share images or patients: refused by default, a warning only when the user allowed the overlap, or
+    when the only evidence is identical pixels or bytes under different ids (see :func:`check_disjoint`)."""
+
+
+def check_disjoint(
+    splits: Splits, source: str | Path, *, allow_overlap: bool = False, separate_datasets: bool = False
+) -> None:
+    """Refuse splits that would leak: a patient id, a sample id or an image file in two splits, or a sample id
+    twice within one split.
+
+    Evaluation on a test split is only honest when nothing of a test patient was seen in training, so each of
+    these raises one :class:`DataError` line naming ``source``, the split(s), the count and an example;
+    ``allow_overlap=True`` (the ``allow_split_overlap`` load option) turns them into :class:`SplitOverlapWarning`
+    for a user who knows the overlap is intended.
+
+    The images themselves are compared too: in-memory arrays (e.g. MedMNIST, whose files carry no patient ids and
+    whose sample ids differ across splits by construction) pixel for pixel, image files byte for byte (only those
+    whose size also occurs in the other split are read). Identical images in two splits are only warned about:
+    official splits contain such pairs (BreastMNIST: train_00115, label 0, is test_00076, label 1; IDRiD: train
+    IDRiD_118, DR grade 0, is test IDRiD_064, grade 3), and refusing would make the published benchmarks
+    impossible to load.
+
+    ``separate_datasets``: the splits come from different datasets (a train folder and a test folder), whose sample
+    ids are paths inside each dataset and may coincide without being the same image; then sample ids are not
+    compared, and patient ids only where both datasets carry real ones (not their sample ids). Files and image
+    contents are compared as always.
+    """
+    source = Path(source)
+    # Resolved once per split: both the shared-file and the identical-content checks use them.
+    files = {name: _file_keys(images) for name, images in splits.items()}
+    problems = [*_duplicates_within(splits), *_shared_across(splits, files, separate_datasets)]
+    if problems and not allow_overlap:
+        more = f" (and {len(problems) - 1} more finding(s))" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; {_OVERRIDE}", source)
+    for problem in problems:
+        warnings.warn(f"{source}: {problem} (allowed by allow_split_overlap)", SplitOverlapWarning, stacklevel=2)
+    for problem in _identical_images_across(splits, files):
+        warnings.warn(f"{source}: {problem}", SplitOverlapWarning, stacklevel=2)
+
+
+def _duplicates_within(splits: Splits) -> list[str]:
+    problems = []
+    for name, images in splits.items():
+        repeated = [sid for sid, count in Counter(images.ids).items() if count > 1]
+        if repeated:
+            problems.append(
+                f"split {name!r} has {len(repeated)} sample id(s) more than once, e.g. {repeated[0]!r} "
+                "(the same image listed twice, or ids that do not tell files apart)"
+            )
+    return problems
+
+
+def _has_patient_ids(images: ImageSet) -> bool:
+    return list(images.patient_ids) != list(images.ids)
+
+
+def _shared_across(splits: Splits, files: dict[str, list[str]], separate_datasets: bool = False) -> list[str]:
+    problems = []
+    for (first, a), (second, b) in combinations(splits.items(), 2):
+        # Patients first: the broadest leak, and the one a grouped split exists to prevent.
+        checks = [
+            ("patient id(s)", a.patient_ids, b.patient_ids),
+            ("sample id(s)", a.ids, b.ids),
+            ("image file(s)", files[first], files[second]),
+        ]
+        if separate_datasets:
+            real_patients = _has_patient_ids(a) and _has_patient_ids(b)
+            checks = checks[:1] * real_patients + checks[2:]
+        for what, values_a, values_b in checks:
+            shared = sorted(set(values_a) & set(values_b))
+            if shared:
+                problems.append(f"splits {first!r} and {second!r} share {len(shared)} {what}, e.g. {shared[0]!r}")
+    return problems
+
+
+def _file_keys(images: ImageSet) -> list[str]:
+    # File-backed sets (manifest, folder, fundus) keep one path per sample; crops of one file repeat it, which is
+    # fine within a split. resolve() makes "a/x.png" and "./a/../a/x.png" the same file.
+    paths = getattr(images, "paths", None)
+    if not isinstance(paths, list):
+        return []
+    return [str(Path(p).resolve()) for p in paths]
+
+
+def _identical_images_across(splits: Splits, files: dict[str, list[str]]) -> list[str]:
+    arrays = {name: _content_hashes(images) for name, images in splits.items()}
+    problems = []
+    for first, second in combinations(splits, 2):
+        a, b = splits[first], splits[second]
+        hashes_a, hashes_b = arrays[first], arrays[second]
+        if hashes_a is not None and hashes_b is not None:
+            where = {digest: index for index, digest in enumerate(hashes_b)}
+            pairs, how = [(i, where[d]) for i, d in enumerate(hashes_a) if d in where], "pixel for pixel"
+        else:
+            pairs, how = _identical_files(files[first], files[second]), "byte for byte"
+        if pairs:
+            i, j = pairs[0]
+            problems.append(
+                f"splits {first!r} and {second!r} hold {len(pairs)} identical image(s) ({how}), e.g. "
+                f"{a.ids[i]!r}{_label_note(a, i)} = {b.ids[j]!r}{_label_note(b, j)}; "
+                "kept, as in the data (drop them from one split for a clean test)"
+            )
+    return problems
+
+
+def _content_hashes(images: ImageSet) -> list[bytes] | None:
+    array = getattr(images, "images", None)
+    if not isinstance(array, np.ndarray) or len(array) != len(images.ids):
+        return None
+    # The shape and dtype go into the hash so that equal bytes of differently shaped images never match.
+    header = f"{array.shape[1:]}{array.dtype}".encode()
+    return [hashlib.blake2b(header + np.ascontiguousarray(image).tobytes(), digest_size=16).digest() for image in array]
+
+
+def _identical_files(files_a: list[str], files_b: list[str]) -> list[tuple[int, int]]:
+    """(index in a, index in b) of byte-identical files under different paths (same paths are refused above).
+
+    Only files whose size also occurs on the other side are read, so a folder of compressed images (JPEG, PNG)
+    costs one stat per file and almost no reading: identical files have identical sizes, different ones rarely do.
+    Uncompressed images of one shape all share a size, and are then read once each.
+    """
+    first_a, first_b = _first_index_by_path(files_a), _first_index_by_path(files_b)
+    by_size_b: dict[int, list[str]] = {}
+    for path in first_b:
+        if (size := _size(path)) is not None:
+            by_size_b.setdefault(size, []).append(path)
+    content_b: dict[int, dict[bytes, str]] = {}  # per size, filled when an a file of that size first needs it
+    pairs = []
+    for path_a, index_a in first_a.items():
+        size = _size(path_a)
+        if size is None or size not in by_size_b:
+            continue
+        if size not in content_b:
+            hashed = ((_file_digest(path), path) for path in by_size_b[size])
+            content_b[size] = {key: path for key, path in hashed if key is not None}
+        key = _file_digest(path_a)
+        match = content_b[size].get(key) if key is not None else None
+        if match is not None and match != path_a:
+            pairs.append((index_a, first_b[match]))
+    return pairs
+
+
+def _first_index_by_path(files: list[str]) -> dict[str, int]:
+    first: dict[str, int] = {}
+    for index, key in enumerate(files):
+        first.setdefault(key, index)
+    return first
+
+
+def _size(path: str) -> int | None:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return None  # a missing file is the reader's error to report, when the image is loaded
+
+
+def _file_digest(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "blake2b").digest()
+    except OSError:
+        return None
+
+
+def _label_note(images: ImageSet, index: int) -> str:
+    if images.labels is None:
+        return ""
+    label = np.asarray(images.labels)[index]
+    return f" (label {label.tolist()})"
 
 
 def label_fraction_indices(labels: np.ndarray, fraction: float, seed: int, min_per_class: int = 2) -> np.ndarray:

@@ -6,9 +6,12 @@ Convention (every :class:`Volume` this module returns):
   with axes ``(x, y, z)`` in **RAS+**: index ``i`` grows towards the patient's Right,
   ``j`` towards Anterior, ``k`` towards Superior (nibabel's "closest canonical" orientation, the one MONAI's
   ``Orientation("RAS")`` gives). For an oblique scan the axes are the voxel axes permuted and flipped so each
-  points most nearly along +R, +A, +S; the obliquity stays in ``direction``. Note: this is the transpose of
-  the (z, y, x) order that :mod:`medfoundry.data.nifti` crops use; ``Volume.array.transpose(2, 1, 0)``
-  converts.
+  points most nearly along +R, +A, +S; the obliquity stays in ``direction``. Readers, geometry, resampling and
+  label maps all work in this order (it is the affine's, and MONAI's).
+* Models take another layout: channels first, then (D, H, W) as PyTorch's 3D layers name them, with
+  D = z (towards Superior: one axial slice per index), H = y (towards Anterior), W = x (towards Right), in C
+  order. :meth:`Volume.to_dhw` is the one place that converts (array and spacing together), so every volume a
+  model sees (NIfTI or DICOM crops, in pre-training and in evaluation) has its axes in the same order.
 * ``spacing`` (mm) is along the array axes; ``origin`` (mm) is the world position of the centre of voxel
   (0, 0, 0); ``direction`` is 3x3 with column ``a`` the unit vector of array axis ``a``. World coordinates
   are RAS+ mm (NIfTI's scanner space): DICOM's LPS patient coordinates are converted by negating x and y.
@@ -45,6 +48,7 @@ from __future__ import annotations
 import logging
 import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +93,15 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
+
+    def to_dhw(self) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """The array in the models' (D, H, W) = (z, y, x) layout (C order) and its spacing in that order (mm).
+
+        The one conversion from this module's (x, y, z) RAS+ arrays (module docstring); a copy, as models and
+        crops want contiguous slices.
+        """
+        x, y, z = self.spacing
+        return np.ascontiguousarray(self.array.transpose(2, 1, 0)), (z, y, x)
 
     @property
     def affine(self) -> np.ndarray:
@@ -199,8 +212,8 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
         raise DataError("NIfTI file not found", path)
     try:
         return nib.load(path)
-    except (ImageFileError, OSError, EOFError, ValueError) as error:
-        raise DataError(f"not a readable NIfTI file ({type(error).__name__}: {error})", path) from None
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as error:
+        raise DataError(f"not a readable NIfTI volume ({type(error).__name__}: {error})", path) from None
 
 
 def _nifti_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
@@ -209,7 +222,7 @@ def _nifti_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) < 3 or len(shape) > 4:
-        raise DataError(f"expected a 3D or 4D NIfTI image, got shape {shape}", path)
+        raise DataError(f"expected a 3D volume, got shape {shape}", path)
     return shape
 
 
@@ -227,8 +240,8 @@ def _nifti_data(image: Any, shape: tuple[int, ...], volume_index: int | None, pa
             if not 0 <= volume_index < count:
                 raise DataError(f"volume_index={volume_index} out of range 0..{count - 1}", path)
             data = np.asarray(proxy[..., volume_index], dtype=np.float32).reshape(shape[:3])
-    except (OSError, EOFError, ValueError) as error:
-        raise DataError(f"cannot read NIfTI voxels ({type(error).__name__}: {error})", path) from None
+    except (OSError, EOFError, ValueError, zlib.error) as error:
+        raise DataError(f"not a readable NIfTI volume: its voxels ({type(error).__name__}: {error})", path) from None
     return data
 
 
@@ -451,8 +464,8 @@ def _warn_spacing(slices: list[_Slice], positions: np.ndarray, steps: np.ndarray
     for at in gaps:
         warnings.warn(
             f"{where}: missing slice(s): gap of {steps[at]:.2f} mm (median step {median:.2f} mm) between "
-            f"{slices[at].path.name} at {positions[at]:.2f} mm and {slices[at + 1].path.name} at "
-            f"{positions[at + 1]:.2f} mm along the slice normal; slices are stacked without filling the gap",
+            f"{_slice_name(slices, at, where)} at {positions[at]:.2f} mm and {_slice_name(slices, at + 1, where)} "
+            f"at {positions[at + 1]:.2f} mm along the slice normal; slices are stacked without filling the gap",
             SliceSpacingWarning,
             stacklevel=4,
         )
@@ -462,11 +475,22 @@ def _warn_spacing(slices: list[_Slice], positions: np.ndarray, steps: np.ndarray
         at = int(np.flatnonzero(uneven)[0])
         warnings.warn(
             f"{where}: uneven slice spacing: {int(uneven.sum())} step(s) differ from the median {median:.3f} mm, "
-            f"steps range {steps.min():.3f}..{steps.max():.3f} mm, first at {slices[at].path.name} -> "
-            f"{slices[at + 1].path.name} ({steps[at]:.3f} mm); the median is used as the slice spacing",
+            f"steps range {steps.min():.3f}..{steps.max():.3f} mm, first at {_slice_name(slices, at, where)} -> "
+            f"{_slice_name(slices, at + 1, where)} ({steps[at]:.3f} mm); the median is used as the slice spacing",
             SliceSpacingWarning,
             stacklevel=4,
         )
+
+
+def _slice_name(slices: list[_Slice], index: int, where: Path) -> str:
+    """``file CT.1.2.3 (slice 10 of 20)``: the file as found under the series folder, and where it sorts.
+
+    Exports often name files by their SOP Instance UID, so the sorted position is what tells a user where the
+    slice is; the path relative to the folder tells two same-named files in different subfolders apart.
+    """
+    path = slices[index].path
+    name = path.relative_to(where).as_posix() if path.is_relative_to(where) and path != where else path.name
+    return f"file {name} (slice {index + 1} of {len(slices)})"
 
 
 def _warn_tilt(slices: list[_Slice], median: float, where: Path) -> None:

@@ -1,1 +1,1 @@
-"""Evaluation: metrics with patient-level bootstrap CIs, the results.json schema and the HTML report."""
+"""Evaluation: metrics with patient-level bootstrap CIs, cells, paired comparisons and the results.json schema."""

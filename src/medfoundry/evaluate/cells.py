@@ -3,35 +3,43 @@
 A cell writes its records (``cells/<model>__<adapter>__<fraction>__<seed>.json``, with a fingerprint of
 everything it depends on) and its per-case test predictions (``predictions/``, for ``medfoundry compare`` and
 the paired comparisons). Both are written atomically, so a run killed midway leaves only whole cells behind and
-the next run recomputes exactly the cells that are missing or whose inputs changed.
+the next run recomputes exactly the cells that are missing or whose inputs changed. How a cell's output is scored
+and kept is the task kind's business (:class:`Scorer`), so every kind shares this store.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from medfoundry.config import EvaluateConfig
-from medfoundry.data.sample import ImageSet
-from medfoundry.evaluate.metrics import compute_metrics
-from medfoundry.evaluate.predictions import Predictions, predictions_path, write_predictions
+from medfoundry.evaluate.metrics import MetricValue
+from medfoundry.evaluate.predictions import predictions_path
 from medfoundry.evaluate.results import ResultRecord, records_from_metrics
 from medfoundry.io_utils import hash_json, write_json_atomic
+
+log = logging.getLogger("medfoundry.cells")
+
+# Bumped whenever what a cell file holds changes meaning; files of another layout are recomputed, never misread.
+CELL_LAYOUT = 2
 
 
 @dataclass
 class CellOutput:
-    """What fitting one adapter gives: test probabilities and its cost."""
+    """What fitting one adapter gives: test predictions (class probabilities for classification) and its cost."""
 
     proba: np.ndarray
     n_train: int
     trainable_params: int
+    # A binary adapter's decision threshold, chosen on its own selection data (None: arg-max); it is part of the
+    # adapter's fit, so thresholded metrics use it instead of 0.5.
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,17 @@ class CellKey:
         return {"model": self.model, "adapter": self.adapter, "label_fraction": self.label_fraction, "seed": self.seed}
 
 
+class Scorer(Protocol):
+    """How a task kind scores and keeps one cell's output on its test split."""
+
+    metrics: list[str]
+    n_test: int
+
+    def score(self, output: CellOutput, seed: int) -> Mapping[str, MetricValue]: ...
+
+    def save_predictions(self, path: Path, output: CellOutput) -> None: ...
+
+
 @dataclass(frozen=True)
 class CellStore:
     """Where a task's cells and predictions live."""
@@ -52,7 +71,8 @@ class CellStore:
     root: Path
 
     def cell_path(self, key: CellKey) -> Path:
-        return self.root / "cells" / f"{key.model}__{key.adapter}__{key.label_fraction}__{key.seed}.json"
+        # The file stem is the predictions file's, so a cell and its predictions are named alike.
+        return self.root / "cells" / self.predictions_path(key).with_suffix(".json").name
 
     def predictions_path(self, key: CellKey) -> Path:
         return predictions_path(self.root / "predictions", **key.as_dict())
@@ -64,6 +84,10 @@ def _cached(path: Path, fingerprint: str) -> list[ResultRecord] | None:
     try:
         stored = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError):
+        log.warning("%s: unreadable cell file, recomputing it", path.name)
+        return None
+    if not isinstance(stored, dict) or stored.get("layout") != CELL_LAYOUT:
+        log.warning("%s: cell from an older medfoundry layout, recomputing it", path.name)
         return None
     if stored.get("fingerprint") != fingerprint:
         return None
@@ -76,46 +100,36 @@ def evaluate_cell(
     task: str,
     inputs_hash: str,
     compute: Callable[[], CellOutput],
-    test: ImageSet,
-    evaluate: EvaluateConfig,
-    metrics: list[str] | None = None,
+    scorer: Scorer,
+    evaluate_settings: Mapping[str, Any],
 ) -> tuple[list[ResultRecord], bool]:
     """The cell's records and whether they were reused (True) or computed now (False).
 
     ``inputs_hash`` must change whenever anything the cell depends on changes (encoder weights, data, adapter
-    settings); the evaluation settings and the key are added here.
+    settings); the evaluation settings, the metrics and the key are added here.
     """
-    metrics = list(metrics or evaluate.metrics)
     path = store.cell_path(key)
     predictions_file = store.predictions_path(key)
     fingerprint = hash_json(
-        {"key": key.as_dict(), "inputs": inputs_hash, "evaluate": evaluate.model_dump(mode="json"), "metrics": metrics}
+        {"key": key.as_dict(), "inputs": inputs_hash, "evaluate": dict(evaluate_settings), "metrics": scorer.metrics}
     )
     cached = _cached(path, fingerprint)
     if cached is not None and predictions_file.is_file():
         return cached, True
-    y_test = np.asarray(test.labels)
     started = time.perf_counter()
     output = compute()
     fit_seconds = time.perf_counter() - started
-    write_predictions(predictions_file, Predictions(list(test.ids), list(test.patient_ids), y_test, output.proba))
-    values = compute_metrics(
-        y_test,
-        output.proba,
-        test.patient_ids,
-        metrics=tuple(metrics),
-        n_bootstrap=evaluate.n_bootstrap,
-        confidence=evaluate.confidence,
-        seed=key.seed,
-    )
+    scorer.save_predictions(predictions_file, output)
     records = records_from_metrics(
-        values,
+        dict(scorer.score(output, key.seed)),
         task=task,
         n_train=output.n_train,
-        n_test=len(y_test),
+        n_test=scorer.n_test,
         trainable_params=output.trainable_params,
         fit_seconds=round(fit_seconds, 3),
         **key.as_dict(),
     )
-    write_json_atomic(path, {"fingerprint": fingerprint, "records": [r.__dict__ for r in records]})
+    write_json_atomic(
+        path, {"layout": CELL_LAYOUT, "fingerprint": fingerprint, "records": [r.__dict__ for r in records]}
+    )
     return records, False

@@ -9,6 +9,11 @@ drawn), which lets every built-in metric be evaluated for all resamples at once 
 Single-label tasks pass integer labels (N,) and class probabilities (N, K) whose arg-max is the prediction;
 multi-label tasks pass 0/1 labels (N, K) and independent per-label probabilities (N, K), and only support
 the metrics in ``MULTILABEL_METRICS``.
+
+The metrics in ``THRESHOLDED_METRICS`` score a hard decision: by default the arg-max class. For a binary task
+``compute_metrics(..., threshold=t)`` decides positive when the positive class's probability is >= t instead (a
+threshold the adapter chose on its selection data, ``threshold_``), in the point estimate and in every bootstrap
+resample alike; AUROC and ECE always see the probabilities.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
 from medfoundry.errors import DataError, MedfoundryError
+from medfoundry.registry import Registry
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 # (y_true (N,), proba (N,K), weights (B,N)) -> (B,) values, NaN where the metric is undefined.
@@ -33,8 +39,13 @@ DEFAULT_METRICS: tuple[str, ...] = ("auroc", "accuracy", "balanced_accuracy")
 LOWER_IS_BETTER: frozenset[str] = frozenset({"ece"})
 # Metrics defined for multi-label tasks (labels (N, K) of 0/1); the others need one class per sample.
 MULTILABEL_METRICS: frozenset[str] = frozenset({"auroc"})
+# Metrics of a hard decision, which a binary decision threshold changes.
+THRESHOLDED_METRICS: frozenset[str] = frozenset({"accuracy", "balanced_accuracy", "f1", "kappa"})
 # Guo et al. (2017), "On calibration of modern neural networks", use 15 equal-width confidence bins.
 ECE_BINS = 15
+
+# Every metric is registered in this file (a new one too); ``METRICS[name]`` and ``name in METRICS`` work as on a dict.
+METRICS: Registry[MetricFn] = Registry("metric")
 
 # Bounds the (chunk, N) float64 work arrays to ~32 MB each, so large test sets do not exhaust memory.
 _MAX_CHUNK_ELEMENTS = 4_000_000
@@ -53,6 +64,7 @@ class MetricValue:
     n_skipped: int = 0
 
 
+@METRICS.register("auroc")
 def auroc(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Area under the ROC curve; macro one-vs-rest over all K classes when K > 2. NaN if undefined.
 
@@ -75,11 +87,13 @@ def auroc(y_true: np.ndarray, proba: np.ndarray) -> float:
             return float("nan")
 
 
+@METRICS.register("accuracy")
 def accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Fraction of samples whose arg-max class equals the label."""
     return float(accuracy_score(y_true, proba.argmax(axis=1)))
 
 
+@METRICS.register("balanced_accuracy")
 def balanced_accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Mean per-class recall over the classes present in ``y_true``."""
     with warnings.catch_warnings():
@@ -88,6 +102,7 @@ def balanced_accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
         return float(balanced_accuracy_score(y_true, proba.argmax(axis=1)))
 
 
+@METRICS.register("f1")
 def f1(y_true: np.ndarray, proba: np.ndarray) -> float:
     """F1 of the arg-max prediction: of the positive class 1 when K == 2, else the macro mean over classes.
 
@@ -99,6 +114,7 @@ def f1(y_true: np.ndarray, proba: np.ndarray) -> float:
     return float(f1_score(y_true, proba.argmax(axis=1), average=average, zero_division=np.nan))
 
 
+@METRICS.register("kappa")
 def kappa(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Quadratic weighted Cohen's kappa of the arg-max prediction, for ordinal labels 0 < 1 < ... < K-1.
 
@@ -116,6 +132,7 @@ def _ece_bins(confidence: np.ndarray) -> np.ndarray:
     return np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
 
 
+@METRICS.register("ece")
 def ece(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Expected calibration error of the top-class confidence with 15 equal-width bins; lower is better.
 
@@ -125,16 +142,6 @@ def ece(y_true: np.ndarray, proba: np.ndarray) -> float:
     gap = (proba.argmax(axis=1) == y_true) - confidence
     per_bin = np.bincount(_ece_bins(confidence), weights=gap, minlength=ECE_BINS)
     return float(np.abs(per_bin).sum() / y_true.shape[0])
-
-
-METRICS: dict[str, MetricFn] = {
-    "auroc": auroc,
-    "accuracy": accuracy,
-    "balanced_accuracy": balanced_accuracy,
-    "f1": f1,
-    "kappa": kappa,
-    "ece": ece,
-}
 
 
 def weighted_binary_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -304,9 +311,8 @@ def _validate(
             f"y_true has labels in [{y_int.min()}, {y_int.max()}] but proba has {n_classes} columns "
             f"(labels must be 0..{n_classes - 1})"
         )
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise MedfoundryError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(sorted(METRICS))}")
+    for name in metrics:
+        METRICS.get(name)  # an unknown name raises, suggesting the closest metrics
     if n_bootstrap < 0:
         raise MedfoundryError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     if not 0.0 < confidence < 1.0:
@@ -329,6 +335,26 @@ def _validate(
     index: dict[Hashable, int] = {}
     patient_index = np.fromiter((index.setdefault(p, len(index)) for p in pids), dtype=np.int64, count=n)
     return y_int, proba_arr, patient_index, len(index)
+
+
+def decide(proba: np.ndarray, threshold: float) -> np.ndarray:
+    """One-hot (N, 2) decisions of a binary task: class 1 where its probability is >= ``threshold``.
+
+    Every thresholded metric reads only the arg-max of its input, so handing it these rows makes it score the
+    thresholded decision with its unchanged point and weighted (bootstrap) forms.
+    """
+    positive = proba[:, 1] >= threshold
+    return np.column_stack([~positive, positive]).astype(np.float64)
+
+
+def _check_threshold(threshold: float, y: np.ndarray, proba: np.ndarray) -> None:
+    if y.ndim != 1 or proba.shape[1] != 2:
+        raise MedfoundryError(
+            f"a decision threshold applies to binary tasks only, got proba of shape {proba.shape}"
+            + (" with multi-label y_true" if y.ndim == 2 else "")
+        )
+    if not (np.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise MedfoundryError(f"threshold must be a probability in [0, 1], got {threshold}")
 
 
 def resample_weights(patient_index: np.ndarray, n_patients: int, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
@@ -376,20 +402,28 @@ def compute_metrics(
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    threshold: float | None = None,
 ) -> dict[str, MetricValue]:
     """Point estimates on the full set and percentile bootstrap CIs from resampling patients.
 
     ``patient_ids`` (one per sample) defines the resampling unit; without it every sample is its own
     patient. Resamples on which a metric is undefined are skipped and counted in ``n_skipped``; if more
-    than half are skipped the CI is NaN and a ``RuntimeWarning`` is issued.
+    than half are skipped the CI is NaN and a ``RuntimeWarning`` is issued. ``threshold`` (binary tasks
+    only): the metrics in ``THRESHOLDED_METRICS`` call a case positive when ``proba[:, 1] >= threshold``
+    instead of taking the arg-max; None keeps the arg-max.
     """
     metrics = tuple(metrics)
     y, proba_arr, patient_index, n_patients = _validate(y_true, proba, patient_ids, metrics, n_bootstrap, confidence)
+    inputs = {name: proba_arr for name in metrics}
+    if threshold is not None:
+        _check_threshold(threshold, y, proba_arr)
+        decisions = decide(proba_arr, threshold)
+        inputs.update({name: decisions for name in metrics if name in THRESHOLDED_METRICS})
 
     results: dict[str, MetricValue] = {}
     point: dict[str, float] = {}
     for name in metrics:
-        point[name] = float(METRICS[name](y, proba_arr))
+        point[name] = float(METRICS[name](y, inputs[name]))
         if np.isnan(point[name]):
             warnings.warn(
                 f"{name} is undefined on this test set (e.g. only one class present); reporting NaN",
@@ -403,7 +437,7 @@ def compute_metrics(
     draws: dict[str, list[np.ndarray]] = {name: [] for name in metrics}
     for weights in resample_weights(patient_index, n_patients, n_bootstrap, seed):
         for name in metrics:
-            draws[name].append(_bootstrap_values(name, y, proba_arr, weights))
+            draws[name].append(_bootstrap_values(name, y, inputs[name], weights))
 
     alpha = 1.0 - confidence
     for name in metrics:

@@ -9,11 +9,11 @@ from medfoundry.mil.train import (
     MILCrossValidation,
     MILFit,
     MILPrediction,
+    MILTaskConfig,
     MILTrainConfig,
     cross_validate_mil,
     patient_folds,
     predict_mil,
-    run_mil_cv,
     train_mil,
 )
 
@@ -26,6 +26,7 @@ __all__ = [
     "MILFit",
     "MILOutput",
     "MILPrediction",
+    "MILTaskConfig",
     "MILTrainConfig",
     "MeanPoolMIL",
     "TransMIL",
@@ -36,7 +37,6 @@ __all__ = [
     "patient_folds",
     "predict_mil",
     "read_bag_file",
-    "run_mil_cv",
     "save_heatmap",
     "train_mil",
 ]

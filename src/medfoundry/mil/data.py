@@ -2,7 +2,8 @@
 
 Feature files follow the TRIDENT/CLAM layout written by ``medfoundry wsi embed``: ``<slide_id>.h5`` holding
 ``features`` (N x D float32) and ``coords`` (N x 2 level-0 top-left x, y), with the tiling parameters as
-attributes. The labels CSV has the columns ``slide_id,patient_id,label``.
+attributes. The labels CSV has the columns ``slide_id,patient_id,label`` and, optionally, ``split`` (train, val or
+test: the slide's fixed split; without the column a task carves splits by patient).
 
 A slide the CSV names but whose file is missing, unreadable or empty is skipped with one warning line naming
 it (the other slides still train) and listed in ``BagSet.skipped``; anything that would silently corrupt
@@ -26,6 +27,8 @@ from medfoundry.errors import DataError
 log = logging.getLogger("medfoundry.mil")
 
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "label")
+SPLIT_COLUMN = "split"
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Bag:
     features: np.ndarray
     coords: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None  # from the CSV's split column, when it has one
 
 
 @dataclass
@@ -64,12 +68,17 @@ class BagSet:
     def slide_ids(self) -> list[str]:
         return [b.slide_id for b in self.bags]
 
+    @property
+    def splits(self) -> list[str | None]:
+        return [b.split for b in self.bags]
+
 
 @dataclass(frozen=True)
 class LabelRow:
     slide_id: str
     patient_id: str
     label: str
+    split: str | None = None
 
 
 def read_label_rows(labels_csv: str | Path) -> list[LabelRow]:
@@ -82,6 +91,7 @@ def read_label_rows(labels_csv: str | Path) -> list[LabelRow]:
             if missing:
                 raise DataError(f"missing column(s) {', '.join(missing)}; need {','.join(REQUIRED_COLUMNS)}", path)
             raw_rows = list(reader)
+            has_split = SPLIT_COLUMN in (reader.fieldnames or [])
     except FileNotFoundError:
         raise DataError("labels CSV not found", path) from None
     except (OSError, UnicodeDecodeError, csv.Error) as error:
@@ -95,7 +105,10 @@ def read_label_rows(labels_csv: str | Path) -> list[LabelRow]:
         if values["slide_id"] in seen:
             raise DataError(f"line {line}: slide {values['slide_id']!r} is listed twice", path)
         seen.add(values["slide_id"])
-        rows.append(LabelRow(**values))
+        split = (raw.get(SPLIT_COLUMN) or "").strip().lower() if has_split else None
+        if has_split and split not in SPLITS:
+            raise DataError(f"line {line}: split {split!r} for slide {values['slide_id']!r}; use one of {SPLITS}", path)
+        rows.append(LabelRow(**values, split=split))
     if not rows:
         raise DataError("labels CSV has no rows", path)
     return rows
@@ -180,7 +193,7 @@ def load_bags(features_dir: str | Path, labels_csv: str | Path) -> BagSet:
             if features.shape[0] == 0:
                 reason = "feature file holds no tiles"
             else:
-                bags.append(Bag(row.slide_id, row.patient_id, label, features, coords, attrs))
+                bags.append(Bag(row.slide_id, row.patient_id, label, features, coords, attrs, row.split))
         if reason is not None:
             log.warning("skipping slide %s: %s (%s)", row.slide_id, reason, path)
             skipped.append((row.slide_id, reason))

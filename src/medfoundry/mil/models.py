@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from medfoundry.errors import ModelError
+from medfoundry.registry import Registry, UnknownModelError
 
 
 @dataclass
@@ -27,6 +28,10 @@ class MILOutput:
 
     logits: torch.Tensor
     attention: torch.Tensor | None
+
+
+# Every MIL model is registered in this file (a new one too), so the registry imports nothing on lookup.
+MIL_MODELS: Registry[Callable[..., nn.Module]] = Registry("MIL model", error=UnknownModelError)
 
 
 def _as_batch(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +55,7 @@ def _projection(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
 
 
+@MIL_MODELS.register("mean")
 class MeanPoolMIL(nn.Module):
     """Baseline: project each instance, average over the bag, classify the average.
 
@@ -69,6 +75,7 @@ class MeanPoolMIL(nn.Module):
         return MILOutput(self.classifier(pooled), None)
 
 
+@MIL_MODELS.register("abmil")
 class AttentionMIL(nn.Module):
     """Attention-based deep MIL (Ilse, Tomczak & Welling, ICML 2018), plain or gated.
 
@@ -123,6 +130,7 @@ class _AttentionBlock(nn.Module):
         return x + self.mlp(self.norm2(x)), weights
 
 
+@MIL_MODELS.register("transmil")
 class TransMIL(nn.Module):
     """A compact TransMIL (Shao et al., NeurIPS 2021): projection, class token, two transformer layers.
 
@@ -167,21 +175,15 @@ class TransMIL(nn.Module):
         return MILOutput(self.classifier(self.norm(h[:, 0])), attention)
 
 
-MILFactory = Callable[..., nn.Module]
-
-MIL_MODELS: dict[str, MILFactory] = {
-    "mean": MeanPoolMIL,
-    "abmil": AttentionMIL,
-    "gated_abmil": lambda in_dim, n_classes, **kw: AttentionMIL(in_dim, n_classes, gated=True, **kw),
-    "transmil": TransMIL,
-}
+@MIL_MODELS.register("gated_abmil")
+def gated_attention_mil(in_dim: int, n_classes: int, **kwargs: Any) -> AttentionMIL:
+    """ABMIL with the gated attention of Ilse et al. (2018)."""
+    return AttentionMIL(in_dim, n_classes, gated=True, **kwargs)
 
 
 def create_mil_model(name: str, in_dim: int, n_classes: int, **kwargs: object) -> nn.Module:
     """Build a registered MIL model; ``kwargs`` (hidden, dropout, ...) go to its constructor."""
-    if name not in MIL_MODELS:
-        raise ModelError(f"unknown MIL model {name!r}; known: {', '.join(sorted(MIL_MODELS))}")
-    return MIL_MODELS[name](in_dim, n_classes, **kwargs)
+    return MIL_MODELS.get(name)(in_dim, n_classes, **kwargs)
 
 
 def count_trainable(model: nn.Module) -> int:

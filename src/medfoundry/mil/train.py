@@ -6,37 +6,41 @@ loss. The loss, not AUROC, drives early stopping because AUROC on a few dozen va
 1.0 and ties early, while the loss keeps ranking checkpoints.
 
 Cross-validation splits by patient (``StratifiedGroupKFold``), so slides of one patient are never on both sides
-of a fold; each fold's test metrics become ``ResultRecord``s (``seed`` = fold index), which the usual report
-aggregates as mean +- sd over folds.
+of a fold, and gives every slide the probability of the fold model that did not train on it. Scoring, results and
+report are the evaluation engine's (``medfoundry.bench.mil``, the ``slide-mil`` task kind).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass as settings_dataclass
 from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
 from medfoundry.data.splits import patient_split
 from medfoundry.errors import DataError
-from medfoundry.evaluate.metrics import DEFAULT_METRICS, MetricValue, compute_metrics
-from medfoundry.evaluate.results import ResultRecord, ResultsFile, records_from_metrics, run_metadata, write_results
-from medfoundry.mil.data import BagSet
-from medfoundry.mil.heatmap import write_attention_heatmaps
-from medfoundry.mil.models import count_trainable, create_mil_model
+from medfoundry.mil.models import MIL_MODELS, create_mil_model
+from medfoundry.registry import unknown_name_error
+from medfoundry.settings import StrictModel
+
+log = logging.getLogger("medfoundry.mil")
 
 BagLike = np.ndarray | torch.Tensor
 
 
-@dataclass
+# A validated dataclass: a suite task's ``mil.train`` section is checked like any config (unknown keys are errors),
+# while code keeps building and replacing it as a plain dataclass.
+@settings_dataclass(config=ConfigDict(extra="forbid"))
 class MILTrainConfig:
     """Hyper-parameters of one MIL training run; the defaults suit 10^2-10^3 slides of 384-1536-d features."""
 
@@ -80,15 +84,34 @@ class MILPrediction:
     attention: list[np.ndarray | None]
 
 
+class MILTaskConfig(StrictModel):
+    """A ``slide-mil`` task's MIL settings (a suite task's ``mil:`` section)."""
+
+    models: list[str] = Field(
+        default_factory=lambda: ["abmil"], min_length=1, description="MIL models, the task's adapters: mean, abmil, ..."
+    )
+    folds: int | None = Field(
+        None, ge=2, description="k-fold cross-validation by patient over all slides, instead of train/val/test splits"
+    )
+    heatmaps: bool = Field(False, description="draw attention over each slide (full-label cells of the first seed)")
+    train: MILTrainConfig = Field(default_factory=MILTrainConfig)
+
+    @field_validator("models")
+    @classmethod
+    def _registered(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in MIL_MODELS:
+                raise unknown_name_error("MIL model", name, MIL_MODELS.names())
+        return names
+
+
 @dataclass
 class MILCrossValidation:
-    """Out-of-fold probabilities for every bag, its fold, per-fold test metrics and the result records."""
+    """Out-of-fold probabilities for every bag, its fold and the fold models."""
 
     model_name: str
     proba: np.ndarray
     fold: np.ndarray
-    fold_metrics: list[dict[str, MetricValue]]
-    records: list[ResultRecord]
     fits: list[MILFit]
     # Each bag's attention from the fold model that did not train on it (None for mean pooling).
     attention: list[np.ndarray | None] = field(default_factory=list)
@@ -168,10 +191,25 @@ def _epoch(
 def _early_stopping_split(
     labels: np.ndarray, patient_ids: Sequence[str] | None, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices split by patient; no validation part when there are too few patients for one."""
+    """(train, val) indices split by patient; no validation part when there are too few patients for one.
+
+    ``patient_split`` cuts ``round(1 / fraction)`` stratified folds, and scikit-learn refuses more folds than the
+    largest class has slides; a small cohort then gets fewer, larger folds (a bigger validation share), or no early
+    stopping when no class has two slides. Either is said in one log line.
+    """
     groups = list(patient_ids) if patient_ids is not None else [str(i) for i in range(len(labels))]
     if fraction <= 0 or len(set(groups)) < 4:
         return np.arange(len(labels)), np.arange(0)
+    largest_class = int(np.bincount(np.asarray(labels, dtype=np.int64)).max())
+    if round(1 / fraction) > largest_class:
+        if largest_class < 2:
+            log.info("early stopping off: no class has 2 training slides to hold one out")
+            return np.arange(len(labels)), np.arange(0)
+        log.info(
+            "early stopping on 1/%d of the training patients instead of %.2f: the largest class has %d slides",
+            largest_class, fraction, largest_class,
+        )  # fmt: skip
+        fraction = 1 / largest_class
     parts = patient_split(groups, labels, (1.0 - fraction, fraction), seed=seed)
     return parts["train"], parts["val"]
 
@@ -185,12 +223,14 @@ def train_mil(
     n_classes: int | None = None,
     config: MILTrainConfig | None = None,
     seed: int = 0,
+    validation: tuple[Sequence[BagLike], Sequence[int] | np.ndarray] | None = None,
 ) -> MILFit:
     """Train a registered MIL model on bags (each (N_i, D)) with slide labels, early-stopped and seeded.
 
-    ``config.val_fraction`` of the patients (each bag its own patient without ``patient_ids``) is held out
-    for early stopping; the returned model holds the weights of the epoch with the lowest validation loss.
-    The global torch RNG is left as it was.
+    Early stopping watches ``validation`` (bags, labels) when given (a task's own val split); otherwise
+    ``config.val_fraction`` of the patients (each bag its own patient without ``patient_ids``) is held out. The
+    returned model holds the weights of the epoch with the lowest validation loss. The global torch RNG is left as
+    it was.
     """
     config = config or MILTrainConfig()
     y = np.asarray(labels, dtype=np.int64)
@@ -198,7 +238,13 @@ def train_mil(
         raise DataError(f"need one label per bag, got {len(bags)} bags and {len(y)} labels")
     n_classes = n_classes or max(int(y.max()) + 1, 2)
     started = time.perf_counter()
-    train_idx, val_idx = _early_stopping_split(y, patient_ids, config.val_fraction, seed)
+    if validation is None:
+        train_idx, val_idx = _early_stopping_split(y, patient_ids, config.val_fraction, seed)
+    else:
+        # The held-out bags go after the training ones, so one index space serves both.
+        val_bags, val_labels = validation
+        train_idx, val_idx = np.arange(len(y)), np.arange(len(y), len(y) + len(val_bags))
+        bags, y = [*bags, *val_bags], np.concatenate([y, np.asarray(val_labels, dtype=np.int64)])
     tensors = [t.to(config.device) for t in _to_tensors(bags)]
     targets = torch.as_tensor(y, device=config.device)
     with torch.random.fork_rng(devices=[]):
@@ -269,25 +315,27 @@ def cross_validate_mil(
     seed: int = 0,
     config: MILTrainConfig | None = None,
     n_classes: int | None = None,
-    task: str = "mil",
-    features_name: str = "features",
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    n_bootstrap: int = 1000,
+    labelled: np.ndarray | None = None,
 ) -> MILCrossValidation:
-    """k-fold CV split by patient: train on k-1 folds (with its own patient-grouped early-stopping split),
-    predict the held-out fold, and score it with patient-resampled bootstrap CIs.
+    """k-fold CV split by patient: train on k-1 folds (with its own patient-grouped early-stopping split) and
+    predict the held-out fold, so every bag gets an out-of-fold probability.
 
-    Records carry model=``features_name``, adapter=``mil-<model_name>``, label_fraction 1 and seed = fold.
+    ``labelled`` (indices) narrows the bags whose labels training may use (a label budget); every bag is still
+    predicted. Folds are drawn with ``seed``, so seeds repeat the cross-validation on other partitions.
     """
     y = np.asarray(labels, dtype=np.int64)
     pids = [str(p) for p in patient_ids]
     n_classes = n_classes or max(int(y.max()) + 1, 2)
     fold = patient_folds(y, pids, n_folds, seed)
+    usable = np.zeros(len(y), dtype=bool)
+    usable[np.arange(len(y)) if labelled is None else labelled] = True
     proba = np.full((len(y), n_classes), np.nan)
     attention: list[np.ndarray | None] = [None] * len(y)
-    fold_metrics, records, fits = [], [], []
+    fits = []
     for k in range(n_folds):
-        train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        train, test = np.flatnonzero((fold != k) & usable), np.flatnonzero(fold == k)
+        if len(train) == 0:
+            raise DataError(f"fold {k} of {n_folds} has no labelled training slide; use a larger label fraction")
         fit = train_mil(
             model_name,
             [bags[i] for i in train],
@@ -301,80 +349,5 @@ def cross_validate_mil(
         proba[test] = prediction.proba
         for i, scores_i in zip(test, prediction.attention, strict=True):
             attention[i] = scores_i
-        scores = compute_metrics(y[test], proba[test], [pids[i] for i in test], metrics, n_bootstrap, seed=seed)
-        fold_metrics.append(scores)
         fits.append(fit)
-        records += records_from_metrics(
-            scores,
-            task=task,
-            model=features_name,
-            adapter=f"mil-{model_name}",
-            label_fraction=1.0,
-            seed=k,
-            n_train=len(train),
-            n_test=len(test),
-            trainable_params=count_trainable(fit.model),
-            fit_seconds=fit.log.fit_seconds,
-        )
-    return MILCrossValidation(model_name, proba, fold, fold_metrics, records, fits, attention)
-
-
-def run_mil_cv(
-    bag_set: BagSet,
-    model_names: Sequence[str],
-    *,
-    task: str,
-    features_name: str,
-    n_folds: int = 5,
-    seed: int = 0,
-    config: MILTrainConfig | None = None,
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    n_bootstrap: int = 1000,
-    out_path: str | Path | None = None,
-    heatmaps_dir: str | Path | None = None,
-) -> ResultsFile:
-    """Cross-validate each MIL model on the same patient folds and collect one ``ResultsFile``.
-
-    Pooled out-of-fold metrics (all folds' predictions scored together, CIs over patients) go into
-    ``metadata["mil_pooled_oof"]``; the file is written atomically to ``out_path`` when given. With
-    ``heatmaps_dir``, each attention model's out-of-fold attention is drawn over every slide it can find
-    (``heatmaps_dir/<model>/<slide>.png``; see ``heatmap.write_attention_heatmaps``).
-    """
-    config = config or MILTrainConfig()
-    records: list[ResultRecord] = []
-    durations: dict[str, float] = {}
-    pooled: dict[str, dict[str, dict[str, float]]] = {}
-    for name in model_names:
-        started = time.perf_counter()
-        cv = cross_validate_mil(
-            name,
-            bag_set.features,
-            bag_set.labels,
-            bag_set.patient_ids,
-            n_folds=n_folds,
-            seed=seed,
-            config=config,
-            n_classes=max(len(bag_set.classes), 2),
-            task=task,
-            features_name=features_name,
-            metrics=metrics,
-            n_bootstrap=n_bootstrap,
-        )
-        durations[f"mil-{name}"] = time.perf_counter() - started
-        records += cv.records
-        if heatmaps_dir is not None and any(a is not None for a in cv.attention):
-            write_attention_heatmaps(bag_set.bags, cv.attention, Path(heatmaps_dir) / name)
-        oof = compute_metrics(bag_set.labels, cv.proba, bag_set.patient_ids, metrics, n_bootstrap, seed=seed)
-        pooled[name] = {m: {"value": v.value, "ci_low": v.ci_low, "ci_high": v.ci_high} for m, v in oof.items()}
-    metadata = run_metadata(
-        config={**asdict(config), "n_folds": n_folds, "seed": seed, "models": list(model_names)},
-        durations=durations,
-        mil_pooled_oof=pooled,
-        n_slides=len(bag_set.bags),
-        n_skipped_slides=len(bag_set.skipped),
-        classes=list(bag_set.classes),
-    )
-    results = ResultsFile(records=records, metadata=metadata)
-    if out_path is not None:
-        write_results(out_path, results)
-    return results
+    return MILCrossValidation(model_name, proba, fold, fits, attention)

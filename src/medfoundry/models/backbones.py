@@ -3,14 +3,18 @@
 A preset is a named set of timm keyword arguments (like timm's own registry of decorated builders), so a
 recipe can say ``vit_tiny_28`` and still end up with a plain timm ``VisionTransformer`` that timm can
 rebuild from ``config.json`` alone. Any timm model name works too, with any input size and channel count.
-The ``vit3d_*`` presets are the one exception: timm has no 3D ViT, so they build medfoundry's MONAI-based
-:class:`~medfoundry.models.vit3d.ViT3D`, named ``medfoundry.vit3d`` in ``config.json``.
+Architectures timm lacks (the 3D ViT and ResNet, the 2.5D slice encoder, CT-FM's encoder) are registered in
+:data:`ARCHITECTURES` under a ``medfoundry.*`` name, which ``config.json`` records in place of a timm name.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -18,9 +22,10 @@ import torch
 from torch import nn
 
 from medfoundry.errors import ModelError
+from medfoundry.models.names import parse_model_name
 from medfoundry.models.resnet3d import RESNET3D_ARCHITECTURE, ResNet3D
-from medfoundry.models.slices import AGGREGATES, SLICES_ARCHITECTURE, SliceEncoder, slice_encoder_kwargs
 from medfoundry.models.vit3d import VIT3D_ARCHITECTURE, ViT3D
+from medfoundry.registry import Registry, UnknownModelError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -30,21 +35,22 @@ class BackbonePreset:
     description: str = ""
 
 
-BACKBONE_PRESETS: dict[str, BackbonePreset] = {}
-# Architectures medfoundry builds itself because timm has none (keyword arguments as in config.json).
-NON_TIMM_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    VIT3D_ARCHITECTURE: ViT3D,
-    RESNET3D_ARCHITECTURE: ResNet3D,
-    SLICES_ARCHITECTURE: SliceEncoder,
-}
-# Of those, the ones with a fixed input size (``img_size`` keyword); the 3D ResNet is fully convolutional.
-_SIZED_ARCHITECTURES = (VIT3D_ARCHITECTURE, SLICES_ARCHITECTURE)
-# "2.5d:NAME" (mean over slices) and "2.5d-attention:NAME" wrap a 2D preset or timm name (docs/volumes.md).
-SLICES_PREFIXES = {"2.5d": "mean", "2.5d-attention": "attention"}
+BACKBONE_PRESETS: Registry[BackbonePreset] = Registry("backbone preset", error=UnknownModelError)
+
+# Architectures medfoundry builds itself because timm has none, built from config.json's keyword arguments.
+# Metadata: ``sized`` (takes a fixed ``img_size``), ``wraps_2d`` (the 2.5D slice encoder, built from a 2D model's
+# name with ``slice_kwargs``), ``normalises_input`` (normalises its input itself: the Encoder passes 0..1 through).
+# The modules register their own architectures on the first lookup; the 3D ones live below timm's level.
+ARCHITECTURES: Registry[Callable[..., nn.Module]] = Registry(
+    "architecture", modules=("medfoundry.models.slices", "medfoundry.models.public.ctfm"), error=UnknownModelError
+)
+ARCHITECTURES.add(VIT3D_ARCHITECTURE, ViT3D, sized=True)
+ARCHITECTURES.add(RESNET3D_ARCHITECTURE, ResNet3D)
 
 
 def register_preset(name: str, timm_name: str, description: str = "", **kwargs: Any) -> None:
-    BACKBONE_PRESETS[name] = BackbonePreset(timm_name, kwargs, description)
+    """Register ``name`` as ``timm_name`` built with ``kwargs`` (a preset is a value, hence no decorator)."""
+    BACKBONE_PRESETS.add(name, BackbonePreset(timm_name, kwargs, description))
 
 
 # The CPU trial (shared/reference/cpu-ssl-trial.md) used a 6-block, 192-wide ViT with 4 px patches at 28 px:
@@ -124,27 +130,38 @@ register_preset("resnet50", "resnet50", "ResNet-50 (24M parameters)")
 
 
 def resolve_backbone(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
-    """Return the timm architecture name and keyword arguments for a preset or timm model name."""
-    prefix, _, inner = name.partition(":")
-    if inner and prefix in SLICES_PREFIXES:
-        slice_model, slice_kwargs = resolve_backbone(inner)
-        if slice_model in NON_TIMM_ARCHITECTURES:
-            raise ModelError(f"'{name}': a 2.5D encoder wraps a 2D model, and '{inner}' is not one")
-        aggregate = overrides.pop("aggregate", SLICES_PREFIXES[prefix])
+    """Return the timm architecture name and keyword arguments for a preset, timm name or ``2.5d:`` name."""
+    parsed = parse_model_name(name)
+    if parsed.kind == "slices":
+        assert parsed.inner is not None
+        if parsed.inner.loads_weights:
+            raise ModelError(f"'{name}' loads weights: build it with models.checkpoint.load_encoder_or_build")
+        slice_model, slice_kwargs = resolve_backbone(parsed.inner.spec)
+        if slice_model in ARCHITECTURES:
+            raise ModelError(f"'{name}': a 2.5D encoder wraps a 2D model, and '{parsed.inner.spec}' is not one")
+        slices = _wrapping_architecture()
+        aggregate = overrides.pop("aggregate", parsed.aggregate)
         context = overrides.pop("context", 1)
-        kwargs = slice_encoder_kwargs(slice_model, {**slice_kwargs, **overrides}, 1, aggregate, context)
-        return SLICES_ARCHITECTURE, kwargs
+        kwargs = ARCHITECTURES.metadata(slices)["kwargs_for"](
+            slice_model, {**slice_kwargs, **overrides}, 1, aggregate, context
+        )
+        return slices, kwargs
     if name in BACKBONE_PRESETS:
-        preset = BACKBONE_PRESETS[name]
+        preset = BACKBONE_PRESETS.get(name)
         return preset.timm_name, {**preset.kwargs, **overrides}
-    if name in NON_TIMM_ARCHITECTURES or timm.is_model(name):
+    if name in ARCHITECTURES or timm.is_model(name):
         return name, dict(overrides)
     close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
     hint = f" Similar timm models: {', '.join(close)}." if close else ""
     raise ModelError(
-        f"unknown model name '{name}'. Presets: {', '.join(sorted(BACKBONE_PRESETS))}; "
-        f"or any timm model name (`medfoundry models list`).{hint}"
+        f"unknown model name '{name}'.{did_you_mean(name, BACKBONE_PRESETS.names())} Presets: "
+        f"{', '.join(BACKBONE_PRESETS.names())}; or any timm model name (`medfoundry models list`).{hint}"
     )
+
+
+def _wrapping_architecture() -> str:
+    """The registered architecture that applies a 2D model to slices (the 2.5D encoder)."""
+    return next(name for name in ARCHITECTURES if ARCHITECTURES.metadata(name).get("wraps_2d"))
 
 
 # Learned tokens and position embeddings (timm's names, and MONAI's ``position_embeddings`` in the 3D ViT).
@@ -160,23 +177,162 @@ def is_vit(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") and hasattr(model, "blocks")
 
 
-def create_timm_backbone(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """Build a headless timm model (``num_classes=0``) with random weights; never touches a hub."""
+# Keyword arguments that make timm read files, reach a hub or replace the network's own forward: never taken from a
+# config. timm's loader parameters (create_model, build_model_with_cfg) are added to these below.
+_LOADER_KWARGS = frozenset(
+    {
+        "checkpoint_path",
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "cache_dir",
+        "pretrained_strict",
+        "pretrained_filter_fn",
+        "pretrained_model_args",
+        "model_cfg",
+        "kwargs_filter",
+        "features_only",
+        "feature_cfg",
+        "feature_cls",
+        "out_indices",
+        "flatten_sequential",
+        "device",
+        "dtype",
+    }
+)
+# Shape and regularisation arguments every timm family shares; a floor under the per-module derivation, for builders
+# that construct a class from another module (timm's hybrid ViTs, for one).
+STRUCTURAL_KWARGS = frozenset(
+    {
+        "img_size",
+        "patch_size",
+        "in_chans",
+        "num_classes",
+        "global_pool",
+        "embed_dim",
+        "depth",
+        "depths",
+        "dims",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "qk_norm",
+        "init_values",
+        "class_token",
+        "no_embed_class",
+        "reg_tokens",
+        "pre_norm",
+        "final_norm",
+        "fc_norm",
+        "dynamic_img_size",
+        "dynamic_img_pad",
+        "drop_rate",
+        "pos_drop_rate",
+        "patch_drop_rate",
+        "proj_drop_rate",
+        "attn_drop_rate",
+        "drop_path_rate",
+        "norm_layer",
+        "act_layer",
+        "window_size",
+        "output_stride",
+    }
+)
+
+
+def _loader_kwargs() -> frozenset[str]:
+    from timm.models import build_model_with_cfg
+
+    own = {
+        name
+        for fn in (timm.create_model, build_model_with_cfg)
+        for name, param in inspect.signature(fn).parameters.items()
+        if param.kind is not inspect.Parameter.VAR_KEYWORD and name not in ("model_name", "model_cls", "variant")
+    }
+    return _LOADER_KWARGS | own
+
+
+def _init_parameters(builder: Callable[..., Any]) -> set[str]:
+    """Named parameters of a class's ``__init__`` or a function, leaving out those whose default is a class or a
+    function: those take code, which a JSON config cannot hold (timm's ``block_fn``, ``mlp_layer``, ...)."""
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {
+        name
+        for name, param in params.items()
+        if param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and name != "self"
+        and (param.default is inspect.Parameter.empty or not callable(param.default))
+    }
+
+
+@functools.cache
+def allowed_model_kwargs(architecture: str) -> frozenset[str]:
+    """The keyword arguments a config may pass to build ``architecture``: its constructor's structural parameters.
+
+    For a medfoundry architecture, its builder's parameters. For a timm model, the parameters of the network
+    classes defined in the module holding timm's builder (``VisionTransformer``, ``ResNet``, ...), plus
+    :data:`STRUCTURAL_KWARGS`, minus anything timm's loader consumes (``checkpoint_path`` would make timm read any
+    file a crafted config names).
+    """
+    if architecture in ARCHITECTURES:
+        return frozenset(_init_parameters(ARCHITECTURES.get(architecture)))
+    from timm.models._registry import model_entrypoint
+
+    module = sys.modules[model_entrypoint(architecture).__module__]
+    names: set[str] = set(STRUCTURAL_KWARGS)
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, nn.Module) and value.__module__ == module.__name__:
+            names |= _init_parameters(value)
+    return frozenset(names - _loader_kwargs())
+
+
+def check_model_kwargs(architecture: str, kwargs: dict[str, Any], source: Path | None = None) -> None:
+    """Refuse an architecture name or keyword argument a checkpoint has no business passing, naming the file.
+
+    A checkpoint folder's ``config.json`` is data from whoever sent the folder: only a registered architecture
+    name (never ``hf-hub:`` / ``local-dir:``, which make timm fetch or read files) and the structural arguments of
+    that architecture are accepted.
+    """
+    if architecture not in ARCHITECTURES and not timm.is_model(architecture):
+        raise ModelError(f"architecture '{architecture}' is neither a timm model nor a medfoundry one", source)
+    allowed = allowed_model_kwargs(architecture)
+    for key in kwargs:
+        if key not in allowed:
+            raise ModelError(
+                f"model_kwargs key '{key}' is not a structural argument of {architecture} (refused: a checkpoint's "
+                "config may only set the network's shape, not how or from where timm loads it)",
+                source,
+            )
+
+
+def create_timm_backbone(timm_name: str, kwargs: dict[str, Any], source: Path | None = None) -> nn.Module:
+    """Build a headless timm model (``num_classes=0``) with random weights; never touches a hub or a file.
+
+    ``kwargs`` are checked against :func:`allowed_model_kwargs` first; ``source`` (the config they came from) is
+    named in any error.
+    """
     kwargs = dict(kwargs)
-    if timm_name.startswith("medfoundry.") and timm_name not in NON_TIMM_ARCHITECTURES:
-        import medfoundry.models.public  # noqa: F401  (registers the public models' own architectures: CT-FM)
-    if timm_name in NON_TIMM_ARCHITECTURES:
+    check_model_kwargs(timm_name, kwargs, source)
+    if timm_name in ARCHITECTURES:
         try:
-            return NON_TIMM_ARCHITECTURES[timm_name](**kwargs)
-        except TypeError as error:
-            raise ModelError(f"model '{timm_name}' does not accept these arguments {kwargs}: {error}") from None
+            return ARCHITECTURES.get(timm_name)(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise ModelError(f"model '{timm_name}' does not accept these arguments {kwargs}: {error}", source) from None
     if timm_name.startswith(("vit_", "deit", "eva", "beit")):
         # Multi-crop SSL feeds smaller local crops to the same ViT; timm interpolates position embeddings.
         kwargs.setdefault("dynamic_img_size", True)
+    kwargs.pop("num_classes", None)  # always headless: a config's own num_classes would be passed twice
     try:
         return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
-    except TypeError as error:
-        raise ModelError(f"timm model '{timm_name}' does not accept these arguments {kwargs}: {error}") from None
+    except (TypeError, ValueError, RuntimeError, KeyError, AssertionError) as error:
+        # timm reports bad values in many ways (AssertionError for a patch size that does not divide the image).
+        first = " ".join(str(error).split())[:300]
+        raise ModelError(
+            f"timm model '{timm_name}' cannot be built with {kwargs} ({type(error).__name__}: {first})", source
+        ) from None
 
 
 PoolFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -276,7 +432,7 @@ def create_encoder(
     if seed is not None:
         torch.manual_seed(seed)
     backbone = create_timm_backbone(timm_name, kwargs)
-    if timm_name == SLICES_ARCHITECTURE:
+    if timm_name in ARCHITECTURES and ARCHITECTURES.metadata(timm_name).get("normalises_input"):
         # The slice encoder normalises its stacked slices itself; the volume passes through as 0..1.
         mean, std = mean or (0.0,) * in_chans, std or (1.0,) * in_chans
     mean = mean or (0.5,) * in_chans
@@ -301,36 +457,12 @@ def encoder_from_config(model: Any, seed: int | None = None) -> Encoder:
 
 def _accepted_kwargs(timm_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     # CNNs in timm reject img_size; ViTs need it. Decide by family rather than by trial construction.
-    if timm_name.startswith(("vit_", "deit", "eva", "beit", "swin")) or timm_name in _SIZED_ARCHITECTURES:
+    sized = timm_name in ARCHITECTURES and ARCHITECTURES.metadata(timm_name).get("sized", False)
+    if timm_name.startswith(("vit_", "deit", "eva", "beit", "swin")) or sized:
         return {**kwargs, "img_size": None}
     return kwargs
 
 
-def slice_encoder_from(encoder: Encoder, aggregate: str = "mean") -> Encoder:
-    """A 2.5D encoder over 1-channel volumes whose slice network is ``encoder`` (a 2D checkpoint or FM), weights
-    copied. An RGB encoder sees each slice with its two neighbours as its three channels, with its own
-    normalisation; a 1-channel encoder sees single slices."""
-    if encoder.is_3d:
-        raise ModelError(f"a 2.5D encoder wraps a 2D encoder; '{encoder.timm_name}' is already 3D")
-    if aggregate not in AGGREGATES:
-        raise ModelError(f"2.5D aggregate must be one of {AGGREGATES}, got '{aggregate}'")
-    if encoder.in_chans % 2 == 0:
-        raise ModelError(f"a 2.5D encoder stacks 2k+1 slices as channels; this encoder takes {encoder.in_chans}")
-    kwargs = slice_encoder_kwargs(
-        encoder.timm_name,
-        encoder.timm_kwargs,
-        1,
-        aggregate,
-        (encoder.in_chans - 1) // 2,
-        encoder.mean.flatten().tolist(),
-        encoder.std.flatten().tolist(),
-        encoder.pool,
-    )
-    backbone = create_timm_backbone(SLICES_ARCHITECTURE, kwargs)
-    backbone.backbone2d.load_state_dict(encoder.backbone.state_dict())
-    return Encoder(backbone, SLICES_ARCHITECTURE, kwargs, (0.0,), (1.0,), "default")
-
-
 def list_backbones() -> list[tuple[str, str, str]]:
     """(name, timm architecture, description) for every preset."""
-    return [(name, p.timm_name, p.description) for name, p in sorted(BACKBONE_PRESETS.items())]
+    return [(name, p.timm_name, p.description) for name, p in BACKBONE_PRESETS.items()]

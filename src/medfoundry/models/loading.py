@@ -6,11 +6,8 @@ against the network (every missing, unexpected or wrongly shaped tensor is an er
 result is a medfoundry :class:`~medfoundry.models.backbones.Encoder` with the model's own normalisation and
 token, usable wherever encoders are (embed, adapt, suites, WSI, LoRA).
 
-Spec syntax, accepted by ``load_encoder_or_build`` and so by ``medfoundry embed -m``, suites and
-``medfoundry wsi embed``::
-
-    public:NAME:PATH          e.g. public:uni:/models/uni/pytorch_model.bin
-    public:NAME@test:PATH     the registry's small test variant (tests and smoke runs)
+Named as ``public:NAME:PATH`` (``public:NAME@test:PATH`` for the small test variant; models/names.py), which
+``load_encoder_or_build`` and so ``medfoundry embed -m``, suites and ``medfoundry wsi embed`` accept.
 """
 
 from __future__ import annotations
@@ -26,14 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from medfoundry.errors import ModelError
+from medfoundry.errors import ModelError, one_line
 from medfoundry.models.backbones import Encoder, create_timm_backbone, is_vit
 from medfoundry.models.public import KEY_MAPPERS, PublicModel, get_public_model
 from medfoundry.models.public.keymaps import StateDict
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PREFIX = "public:"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Weight files a snapshot folder may hold, in the order they are preferred (safetensors first).
 SNAPSHOT_WEIGHTS = (
@@ -46,30 +42,16 @@ SNAPSHOT_WEIGHTS = (
 SUBDICT_KEYS = ("teacher", "model", "state_dict", "model_state_dict", "module")
 
 
-def parse_public_spec(spec: str) -> tuple[str, str, Path] | None:
-    """``public:NAME[@variant]:PATH`` -> (name, variant, path); None when ``spec`` is not a public-model spec."""
-    if not spec.startswith(PUBLIC_PREFIX):
-        return None
-    name, sep, path = spec[len(PUBLIC_PREFIX) :].partition(":")
-    if not sep or not path or not name:
-        raise ModelError(f"public model spec '{spec}' needs a local weights path: public:NAME:PATH")
-    name, _, variant = name.partition("@")
-    return name, variant or "full", Path(path).expanduser()
-
-
-def load_public_spec(spec: str, pool: str | None = None) -> Encoder:
-    parsed = parse_public_spec(spec)
-    if parsed is None:
-        raise ModelError(f"'{spec}' is not a public model spec (public:NAME:PATH)")
-    name, variant, path = parsed
-    return load_public_encoder(name, path, variant=variant, pool=pool)
-
-
 def load_public_encoder(name: str, path: str | Path, variant: str = "full", pool: str | None = None) -> Encoder:
     """Build public model ``name`` and load its weights from ``path`` (folder or file), mapped to timm's names."""
     entry = get_public_model(name)
     kwargs = entry.build_kwargs(variant)
     path = Path(path).expanduser()
+    with one_line(path, f"public model {name}", ModelError):
+        return _load_public(entry, kwargs, path, variant, pool)
+
+
+def _load_public(entry: PublicModel, kwargs: dict[str, Any], path: Path, variant: str, pool: str | None) -> Encoder:
     state, source, hf_config = read_state_dict(path, prefer=_preferred_subdicts(entry))
     state = KEY_MAPPERS[entry.key_format](state)
     backbone = create_timm_backbone(entry.timm_name, kwargs)

@@ -12,6 +12,9 @@ side stacked as channels, so a 1-channel CT becomes the 3-channel input an RGB e
 Volumes are ``(B, C, D, H, W)`` with D the slice axis (z, as medfoundry's volume readers store them). The 2D
 network's own input normalisation (``slice_mean`` / ``slice_std``, per stacked channel) is applied here after
 stacking, so the wrapping :class:`~medfoundry.models.backbones.Encoder` passes 0..1 volumes through unchanged.
+
+``2.5d:NAME`` builds one over a preset or timm name (random weights); :func:`slice_encoder_from` wraps a loaded
+2D encoder (a checkpoint or public model) with its weights.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfoundry.errors import ModelError
+from medfoundry.models.backbones import ARCHITECTURES, Encoder, create_timm_backbone, pool_features, resolve_backbone
 
 #: The architecture name written to a checkpoint's config.json.
 SLICES_ARCHITECTURE = "medfoundry.slices2d"
@@ -81,8 +85,6 @@ class SliceEncoder(nn.Module):
         slice_pool: str = "default",
         img_size: int | None = None,
     ) -> None:
-        from medfoundry.models.backbones import create_timm_backbone, pool_features, resolve_backbone
-
         super().__init__()
         if aggregate not in AGGREGATES:
             raise ModelError(f"2.5D aggregate must be one of {AGGREGATES}, got '{aggregate}'")
@@ -145,3 +147,39 @@ def slice_encoder_kwargs(
         "slice_mean": slice_mean,
         "slice_std": slice_std,
     }
+
+
+# Registered with its config.json writer, which "2.5d:NAME" names resolve through (models.backbones).
+ARCHITECTURES.add(
+    SLICES_ARCHITECTURE,
+    SliceEncoder,
+    sized=True,
+    wraps_2d=True,
+    normalises_input=True,
+    kwargs_for=slice_encoder_kwargs,
+)
+
+
+def slice_encoder_from(encoder: Encoder, aggregate: str = "mean") -> Encoder:
+    """A 2.5D encoder over 1-channel volumes whose slice network is ``encoder`` (a 2D checkpoint or FM), weights
+    copied. An RGB encoder sees each slice with its two neighbours as its three channels, with its own
+    normalisation; a 1-channel encoder sees single slices."""
+    if encoder.is_3d:
+        raise ModelError(f"a 2.5D encoder wraps a 2D encoder; '{encoder.timm_name}' is already 3D")
+    if aggregate not in AGGREGATES:
+        raise ModelError(f"2.5D aggregate must be one of {AGGREGATES}, got '{aggregate}'")
+    if encoder.in_chans % 2 == 0:
+        raise ModelError(f"a 2.5D encoder stacks 2k+1 slices as channels; this encoder takes {encoder.in_chans}")
+    kwargs = slice_encoder_kwargs(
+        encoder.timm_name,
+        encoder.timm_kwargs,
+        1,
+        aggregate,
+        (encoder.in_chans - 1) // 2,
+        encoder.mean.flatten().tolist(),
+        encoder.std.flatten().tolist(),
+        encoder.pool,
+    )
+    backbone = create_timm_backbone(SLICES_ARCHITECTURE, kwargs)
+    backbone.backbone2d.load_state_dict(encoder.backbone.state_dict())
+    return Encoder(backbone, SLICES_ARCHITECTURE, kwargs, (0.0,), (1.0,), "default")

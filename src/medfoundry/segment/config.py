@@ -1,4 +1,9 @@
-"""The segmentation probe's typed config (a YAML recipe in configs/segment/, or the CLI's options)."""
+"""The segmentation probe's typed settings: a task's volumes, classes and decoders, and the probe's recipe.
+
+:class:`SegmentTaskConfig` is what a suite's segmentation task holds (``tasks[i].segmentation`` in a suite YAML);
+:class:`SegmentProbeConfig` adds what ``medfoundry segment-probe`` runs it with (the encoder, the seed, the
+bootstrap, the output folder) and is the flat YAML recipe of configs/segment/.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from medfoundry.config import StrictModel
+# From settings, not medfoundry.config: config validates a suite's segmentation tasks with these classes.
+from medfoundry.settings import StrictModel
 
 
 class SegmentSplitConfig(StrictModel):
@@ -22,10 +28,9 @@ class SegmentSplitConfig(StrictModel):
     )
 
 
-class SegmentProbeConfig(StrictModel):
-    name: str = Field("totalseg_organs", description="task name in results.json and the report")
-    encoder: str = Field("vit3d_tiny_32", description="checkpoint folder, or a 3D ViT preset (random weights)")
-    encoder_seed: int = Field(0, description="seed of a preset's random initialisation")
+class SegmentTaskConfig(StrictModel):
+    """A segmentation task: labelled CT volumes, the classes, the z split, and the decoders trained on each encoder."""
+
     images: list[Path] = Field(default_factory=list, description="CT volumes (NIfTI files or DICOM folders)")
     labels: list[Path] = Field(default_factory=list, description="label maps, one per image, on the same grid")
     label_names: Path | None = Field(None, description="label,name CSV; default labels_total.csv beside the labels")
@@ -45,13 +50,9 @@ class SegmentProbeConfig(StrictModel):
     weight_decay: float = Field(1e-4, ge=0)
     sw_overlap: float = Field(0.5, ge=0.0, lt=1.0, description="sliding-window overlap at inference")
     sw_batch_size: int = Field(8, ge=1)
-    n_bootstrap: int = Field(1000, ge=0)
-    confidence: float = Field(0.95, gt=0.0, lt=1.0)
-    seed: int = 0
-    output_dir: Path = Path("runs/segment-probe")
 
     @model_validator(mode="after")
-    def _consistent(self) -> SegmentProbeConfig:
+    def _consistent(self) -> SegmentTaskConfig:
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} image(s) but {len(self.labels)} label map(s): give one per image")
         if self.split.test_stop <= self.split.test_start:
@@ -59,3 +60,29 @@ class SegmentProbeConfig(StrictModel):
         if len(set(self.decoders)) != len(self.decoders) or not self.decoders:
             raise ValueError(f"decoders must be distinct and at least one, got {self.decoders}")
         return self
+
+    def training(self, decoder: str) -> dict[str, object]:
+        """What ``decoder``'s cells depend on besides the data (hashed apart) and the encoder: adding a decoder or
+        changing another one's blocks leaves its finished cells valid."""
+        others = {name for name in type(self).model_fields if name.endswith("_blocks") and name != f"{decoder}_blocks"}
+        return self.model_dump(mode="json", exclude={"images", "labels", "label_names", "decoders", *others})
+
+
+class SegmentProbeConfig(SegmentTaskConfig):
+    """``medfoundry segment-probe``: one segmentation task on one encoder, run as a one-task suite."""
+
+    name: str = Field(
+        "totalseg_organs",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="task name in results.json, the report and file names",
+    )
+    encoder: str = Field("vit3d_tiny_32", description="checkpoint folder, or a 3D ViT preset (random weights)")
+    encoder_seed: int = Field(0, description="seed of a preset's random initialisation")
+    n_bootstrap: int = Field(1000, ge=0)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    seed: int = 0
+    output_dir: Path = Path("runs/segment-probe")
+
+    def task(self) -> SegmentTaskConfig:
+        """The task part of the recipe, as a suite's segmentation task holds it."""
+        return SegmentTaskConfig.model_validate(self.model_dump(include=set(SegmentTaskConfig.model_fields)))

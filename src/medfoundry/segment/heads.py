@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,11 @@ from torch import nn
 
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import Encoder
+from medfoundry.registry import Registry, UnknownModelError
 
-DECODERS = ("linear", "unetr")
+# A decoder builder: (encoder, n_classes, blocks or None, feature_size) -> probe. All live in this file.
+DecoderBuilder = Callable[[Encoder, int, "Sequence[int] | None", int], "SegmentationProbe"]
+DECODERS: Registry[DecoderBuilder] = Registry("segmentation decoder", error=UnknownModelError)
 
 
 def check_token_encoder(encoder: Encoder) -> None:
@@ -80,8 +83,14 @@ class FrozenTokens(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Token maps of ``images`` (B, C, X, Y, Z) in RAS+ order, the probe's volume layout, returned in that order.
+
+        Encoders take volumes as (D, H, W) = (z, y, x), the layout every 3D reader hands to pre-training
+        (``Volume.to_dhw``); a pre-trained encoder must see the axes it was trained on, so the volume is turned into
+        that layout on the way in and the token maps are turned back on the way out.
+        """
         backbone = self.encoder.backbone
-        tokens = backbone.prepare_tokens(self.encoder.normalize(images))
+        tokens = backbone.prepare_tokens(self.encoder.normalize(images.permute(0, 1, 4, 3, 2)))
         prefix = int(getattr(backbone, "num_prefix_tokens", 1))
         grid = self.img_size // self.patch_size
         maps = []
@@ -90,7 +99,8 @@ class FrozenTokens(nn.Module):
             if index in self.blocks:
                 patch = backbone.norm(tokens)[:, prefix:]
                 # ViT3D's tokens run over the input's three spatial axes in row-major order (conv + flatten).
-                maps.append(patch.transpose(1, 2).reshape(images.shape[0], -1, grid, grid, grid))
+                grid_dhw = patch.transpose(1, 2).reshape(images.shape[0], -1, grid, grid, grid)
+                maps.append(grid_dhw.permute(0, 1, 4, 3, 2))
             if index == self.blocks[-1]:
                 break
         return maps
@@ -171,6 +181,27 @@ class SegmentationProbe(nn.Module):
         return [p for p in self.decoder.parameters() if p.requires_grad]
 
 
+@DECODERS.register("linear")
+def linear_probe(
+    encoder: Encoder, n_classes: int, blocks: Sequence[int] | None, feature_size: int
+) -> SegmentationProbe:
+    """A 1x1x1 conv over the tokens of ``blocks`` (default: the last one)."""
+    tokens = FrozenTokens(encoder, blocks or (len(encoder.backbone.blocks),))
+    return SegmentationProbe(tokens, LinearSegHead(tokens.embed_dim * len(tokens.blocks), n_classes, tokens.img_size))
+
+
+@DECODERS.register("unetr")
+def unetr_probe(encoder: Encoder, n_classes: int, blocks: Sequence[int] | None, feature_size: int) -> SegmentationProbe:
+    """UNETR's decoder over ``log2(patch_size)`` token maps (default: evenly spaced blocks) and the input."""
+    patch = int(encoder.backbone.patch_size)
+    levels = int(round(math.log2(max(patch, 1))))
+    tokens = FrozenTokens(encoder, blocks or default_blocks(len(encoder.backbone.blocks), max(levels, 1)))
+    head = UNETRDecoder(tokens.embed_dim, patch, n_classes, encoder.in_chans, feature_size)
+    if len(tokens.blocks) != head.n_features:
+        raise ModelError(f"the UNETR decoder for {patch}-voxel patches takes {head.n_features} token blocks")
+    return SegmentationProbe(tokens, head)
+
+
 def build_probe(
     encoder: Encoder,
     decoder: str,
@@ -178,23 +209,8 @@ def build_probe(
     blocks: Sequence[int] | None = None,
     feature_size: int = 16,
 ) -> SegmentationProbe:
-    """A probe with a ``linear`` or ``unetr`` decoder over ``encoder``'s tokens after ``blocks`` (1-based).
-
-    Default blocks: the last one for ``linear``; ``log2(patch_size)`` evenly spaced ones for ``unetr``.
-    """
+    """A probe with a registered decoder (``linear``, ``unetr``) over ``encoder``'s tokens after ``blocks``
+    (1-based); each decoder has its own default blocks."""
+    builder = DECODERS.get(decoder)
     check_token_encoder(encoder)
-    backbone = encoder.backbone
-    depth = len(backbone.blocks)
-    if decoder == "linear":
-        tokens = FrozenTokens(encoder, blocks or (depth,))
-        head: nn.Module = LinearSegHead(tokens.embed_dim * len(tokens.blocks), n_classes, tokens.img_size)
-    elif decoder == "unetr":
-        patch = int(backbone.patch_size)
-        levels = int(round(math.log2(max(patch, 1))))
-        tokens = FrozenTokens(encoder, blocks or default_blocks(depth, max(levels, 1)))
-        head = UNETRDecoder(tokens.embed_dim, patch, n_classes, encoder.in_chans, feature_size)
-        if len(tokens.blocks) != head.n_features:
-            raise ModelError(f"the UNETR decoder for {patch}-voxel patches takes {head.n_features} token blocks")
-    else:
-        raise ModelError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
-    return SegmentationProbe(tokens, head)
+    return builder(encoder, n_classes, blocks, feature_size)

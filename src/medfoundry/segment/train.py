@@ -1,32 +1,43 @@
-"""Train a decoder on a frozen encoder's tokens, infer by sliding window over held-out z blocks, score Dice.
+"""Train a decoder on a frozen encoder's tokens, infer by sliding window over held-out z blocks, count Dice.
 
-:func:`run_segment_probe` is the whole probe behind ``medfoundry segment-probe``: load and check the volumes,
-split each along z (:mod:`medfoundry.segment.data`), train each decoder on class-balanced crops with
-MONAI's ``DiceCELoss`` (Dice + cross-entropy, softmax over the classes), predict the test blocks with
-``monai.inferers.sliding_window_inference`` (Gaussian-weighted overlapping windows of the encoder's input
-size), and write ``results.json`` (Dice per class with bootstrap CIs, plus the all-background baseline),
-``report.html`` and ``overlay.png``.
+These are the parts the ``segmentation`` task kind (:mod:`medfoundry.bench.segmentation`) builds its cells from:
+load and check the volumes and split each along z (:mod:`medfoundry.segment.data`), train one decoder on
+class-balanced crops with MONAI's ``DiceCELoss`` (Dice + cross-entropy, softmax over the classes), predict the
+test blocks with ``monai.inferers.sliding_window_inference`` (Gaussian-weighted overlapping windows of the
+encoder's input size), and count Dice per bootstrap unit.
+
+:func:`run_segment_probe` (``medfoundry segment-probe``) runs a recipe as a one-task suite of the one evaluation
+engine, so its cells, results.json, resume and report are a suite's; it adds ``overlay.png``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from medfoundry.config import dump_config
+from medfoundry.config import (
+    AdaptConfig,
+    ComparisonConfig,
+    EncoderConfig,
+    EvaluateConfig,
+    SuiteConfig,
+    TaskConfig,
+    dump_config,
+)
 from medfoundry.errors import DataError
-from medfoundry.evaluate.metrics import MetricValue
-from medfoundry.evaluate.results import ResultsFile, records_from_metrics, run_metadata, write_results
+from medfoundry.evaluate.cells import CellKey, CellStore
+from medfoundry.evaluate.results import ResultsFile
 from medfoundry.models.backbones import Encoder
-from medfoundry.models.checkpoint import load_encoder_or_build
-from medfoundry.segment.config import SegmentProbeConfig
+from medfoundry.models.names import parse_model_name
+from medfoundry.segment.config import SegmentProbeConfig, SegmentSplitConfig, SegmentTaskConfig
 from medfoundry.segment.data import (
     Block,
     ClassMap,
@@ -34,20 +45,23 @@ from medfoundry.segment.data import (
     LabelledVolume,
     ZSplit,
     build_class_map,
-    cut_blocks,
     default_label_names,
     load_labelled_volume,
     read_label_names,
     z_split,
 )
-from medfoundry.segment.heads import SegmentationProbe, build_probe, check_token_encoder
-from medfoundry.segment.metrics import DiceCounts, dice_counts, dice_with_ci, slab_units
+from medfoundry.segment.heads import SegmentationProbe, build_probe
+from medfoundry.segment.metrics import DiceCounts, dice_counts, slab_units
+
+if TYPE_CHECKING:
+    from medfoundry.bench.engine import SuiteOutput
 
 log = logging.getLogger(__name__)
 
 BASELINE_ADAPTER = "all_background"
 # Whole volumes become the bootstrap unit only from this many on: fewer units give a degenerate bootstrap.
 MIN_VOLUME_UNITS = 5
+Units = list[list[tuple[int, int]] | None]
 
 
 def train_decoder(
@@ -124,37 +138,19 @@ def predict_block(probe: SegmentationProbe, block: Block, overlap: float = 0.5, 
     return torch.as_tensor(logits).argmax(dim=1)[0].numpy().astype(np.uint8)
 
 
-@dataclass
-class DecoderRun:
-    decoder: str
-    metrics: dict[str, MetricValue]
-    predictions: list[np.ndarray]
-    trainable_params: int
-    fit_seconds: float
-    losses: list[float] = field(repr=False, default_factory=list)
-
-
-@dataclass
-class SegmentOutput:
-    results: ResultsFile
-    runs: list[DecoderRun]
-    baseline: dict[str, MetricValue]
-    results_path: Path | None = None
-    report_path: Path | None = None
-    overlay_path: Path | None = None
-
-
-def _units(test_blocks: list[Block], config: SegmentProbeConfig) -> tuple[str, list[list[tuple[int, int]] | None]]:
-    unit = config.split.unit
+def bootstrap_units(test_blocks: Sequence[Block], split: SegmentSplitConfig) -> tuple[str, Units]:
+    """The unit the bootstrap resamples, in words, and each test block's units (None: the whole block)."""
+    unit = split.unit
     if unit == "auto":
         unit = "volume" if len(test_blocks) >= MIN_VOLUME_UNITS else "slab"
     if unit == "volume":
         return "whole test block of each volume", [None for _ in test_blocks]
-    n = config.split.unit_slices
+    n = split.unit_slices
     return f"{n}-slice z slab of a test block", [slab_units(b.labels.shape[-1], n) for b in test_blocks]
 
 
-def _counts(predictions: list[np.ndarray], tests: list[Block], units: list, n_classes: int) -> DiceCounts:
+def block_counts(predictions: Sequence[np.ndarray], tests: Sequence[Block], units: Units, n_classes: int) -> DiceCounts:
+    """Dice counts of every test unit of every block, named ``<volume>:z<a>-<b>``."""
     total: DiceCounts | None = None
     for pred, block, unit in zip(predictions, tests, units, strict=True):
         counts = dice_counts(pred, block.labels[0], n_classes, unit, prefix=f"{block.volume}:")
@@ -163,13 +159,7 @@ def _counts(predictions: list[np.ndarray], tests: list[Block], units: list, n_cl
     return total
 
 
-def model_label(spec: str) -> str:
-    """A checkpoint folder by its last three path parts (``run/pretrain/encoder``); a preset as random init."""
-    path = Path(spec)
-    return "/".join(path.resolve().parts[-3:]) if path.is_dir() else f"{spec} (random init)"
-
-
-def load_probe_data(config: SegmentProbeConfig) -> tuple[ClassMap, list[LabelledVolume], list[ZSplit]]:
+def load_probe_data(config: SegmentTaskConfig) -> tuple[ClassMap, list[LabelledVolume], list[ZSplit]]:
     """Class map, windowed volumes and their z splits, with every input check (clear errors naming files)."""
     if not config.images:
         raise DataError("no volumes given: pass at least one CT image and its label map")
@@ -184,99 +174,101 @@ def load_probe_data(config: SegmentProbeConfig) -> tuple[ClassMap, list[Labelled
     return class_map, volumes, splits
 
 
-def run_segment_probe(
-    config: SegmentProbeConfig,
-    encoder: Encoder | None = None,
-    echo: Callable[[str], None] = log.info,
-    write: bool = True,
-) -> SegmentOutput:
-    """The whole probe (see the module docstring); ``encoder`` overrides ``config.encoder`` (tests, notebooks)."""
-    started = time.perf_counter()
-    class_map, volumes, splits = load_probe_data(config)
-    if encoder is None:
-        encoder = load_encoder_or_build(config.encoder, in_chans=1, img_size=None, seed=config.encoder_seed)
-    check_token_encoder(encoder)
-    size = int(encoder.backbone.img_size)
-    train_blocks: list[Block] = []
-    test_blocks: list[Block] = []
-    for volume, split in zip(volumes, splits, strict=True):
-        train, test = cut_blocks(volume, split)
-        train_blocks += train
-        test_blocks.append(test)
-        echo(f"{volume.name}: {volume.image.shape} voxels at {volume.spacing} mm; {split.describe()}")
-    unit_name, units = _units(test_blocks, config)
-    # Training crops as thin as the thinnest test block, up to the full window (see CropSampler).
-    z_slices = (min(b.labels.shape[-1] for b in test_blocks), size)
-    reference = [b.labels[0] for b in test_blocks]
-    baseline_counts = _counts([np.zeros_like(r) for r in reference], test_blocks, units, class_map.n_classes)
-    n_test = baseline_counts.n_units
-    n_train = sum(len(slab_units(b.labels.shape[-1], config.split.unit_slices)) for b in train_blocks)
-    ci = {"n_bootstrap": config.n_bootstrap, "confidence": config.confidence, "seed": config.seed}
-    baseline = dice_with_ci(baseline_counts, class_map.names, **ci)
-    common = {"task": config.name, "model": model_label(config.encoder), "label_fraction": 1.0, "seed": config.seed}
-    records = records_from_metrics(baseline, adapter=BASELINE_ADAPTER, n_train=0, n_test=n_test, **common)
-    runs: list[DecoderRun] = []
-    durations: dict[str, float] = {}
+def fit_decoder(
+    encoder: Encoder,
+    decoder: str,
+    config: SegmentTaskConfig,
+    n_classes: int,
+    train_blocks: Sequence[Block],
+    thinnest_test: int,
+    seed: int,
+    echo: Callable[[str], None] | None = None,
+) -> SegmentationProbe:
+    """A ``decoder`` probe on the frozen ``encoder``, trained on crops of ``train_blocks``."""
+    torch.manual_seed(seed)
     blocks = {"linear": config.linear_blocks, "unetr": config.unetr_blocks}
-    for decoder in config.decoders:
-        torch.manual_seed(config.seed)
-        probe = build_probe(encoder, decoder, class_map.n_classes, blocks[decoder], config.feature_size)
-        sampler = CropSampler(train_blocks, size, class_map.n_classes, config.batch_size, config.seed, z_slices)
+    probe = build_probe(encoder, decoder, n_classes, blocks[decoder], config.feature_size)
+    size = int(encoder.backbone.img_size)
+    # Training crops as thin as the thinnest test block, up to the full window (see CropSampler).
+    sampler = CropSampler(train_blocks, size, n_classes, config.batch_size, seed, (thinnest_test, size))
+    if echo is not None:
         n_params = sum(p.numel() for p in probe.trainable_parameters())
-        echo(f"{decoder} decoder ({n_params:,} trainable parameters) over blocks {list(probe.tokens.blocks)}")
-        fit_start = time.perf_counter()
-        losses = train_decoder(
-            probe, sampler, config.steps, config.lr, config.weight_decay, config.crop_pool, config.seed, echo
-        )
-        fit_seconds = time.perf_counter() - fit_start
-        infer_start = time.perf_counter()
-        predictions = [predict_block(probe, b, config.sw_overlap, config.sw_batch_size) for b in test_blocks]
-        durations[f"infer/{decoder}"] = time.perf_counter() - infer_start
-        durations[f"fit/{decoder}"] = fit_seconds
-        metrics = dice_with_ci(_counts(predictions, test_blocks, units, class_map.n_classes), class_map.names, **ci)
-        runs.append(DecoderRun(decoder, metrics, predictions, n_params, fit_seconds, losses))
-        records += records_from_metrics(
-            metrics,
-            adapter=decoder,
-            n_train=n_train,
-            n_test=n_test,
-            trainable_params=n_params,
-            fit_seconds=fit_seconds,
-            **common,
-        )
-        echo(f"  {decoder}: " + ", ".join(f"{k} {v.value:.3f}" for k, v in metrics.items() if k != "dice_background"))
-    durations["total"] = time.perf_counter() - started
-    metadata = run_metadata(
-        config=dump_config(config),
-        durations=durations,
-        dataset=config.name,
-        primary_metric={config.name: "dice_mean"},
-        tasks={
-            config.name: {
-                "kind": "segmentation",
-                "classes": list(class_map.names),
-                "label_ids": dict(zip(class_map.names[1:], map(list, class_map.source_ids[1:]), strict=True)),
-                "splits": {v.name: s.describe() for v, s in zip(volumes, splits, strict=True)},
-                "unit": unit_name,
-                "n_train_units": n_train,
-                "n_test_units": n_test,
-                "crop_size": size,
-                "window": config.window,
-                "baseline": f"{BASELINE_ADAPTER}: every voxel background; each organ's Dice is 0 (empty prediction)",
-            }
-        },
-    )
-    results = ResultsFile(records=records, metadata=metadata)
-    output = SegmentOutput(results, runs, baseline)
-    if write:
-        from medfoundry.evaluate.report import render_report
-        from medfoundry.segment.overlay import save_overlay
+        echo(f"  {decoder} decoder ({n_params:,} trainable parameters) over blocks {list(probe.tokens.blocks)}")
+    train_decoder(probe, sampler, config.steps, config.lr, config.weight_decay, config.crop_pool, seed, echo)
+    return probe
 
-        out = Path(config.output_dir)
-        output.results_path = write_results(out / "results.json", results)
-        title = f"medfoundry segmentation probe: {config.name}"
-        output.report_path = render_report(results, out / "report.html", title=title)
-        output.overlay_path = save_overlay(
-            out / "overlay.png", test_blocks[0], {r.decoder: r.predictions[0] for r in runs}, class_map.names
-        )
-    return output
+
+# ---------------------------------------------------------------------------------------------- the probe
+
+
+def encoder_spec(spec: str, seed: int) -> EncoderConfig:
+    """The suite encoder a probe recipe's ``encoder`` names: a preset (random weights from ``seed``) or a folder."""
+    parsed = parse_model_name(spec)
+    if parsed.kind == "backbone":
+        return EncoderConfig(name=_safe_name(f"{spec}-random-init"), backbone=spec, in_chans=1, seed=seed)
+    # A folder by its last three parts (run/pretrain/encoder): "encoder" alone says nothing.
+    parts = Path(spec).resolve().parts[-3:] if parsed.kind == "folder" else (spec,)
+    return EncoderConfig(name=_safe_name(".".join(parts)), checkpoint=Path(spec), in_chans=1, seed=seed)
+
+
+def _safe_name(name: str) -> str:
+    # Encoder names become file names: EncoderConfig allows letters, digits and _.+- only, a letter or digit first.
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", name).lstrip("_.+-") or "encoder"
+
+
+def probe_suite(config: SegmentProbeConfig) -> SuiteConfig:
+    """The recipe as a one-task suite: its encoder, its decoders at all the training blocks, its seed."""
+    task = TaskConfig(name=config.name, kind="segmentation", segmentation=config.task().model_dump(mode="json"))
+    return SuiteConfig(
+        name=config.name,
+        output_dir=config.output_dir,
+        tasks=[task],
+        encoders=[encoder_spec(config.encoder, config.encoder_seed)],
+        adapt=AdaptConfig(label_fractions=[1.0], seeds=[config.seed]),
+        evaluate=EvaluateConfig(n_bootstrap=config.n_bootstrap, confidence=config.confidence),
+        comparisons=ComparisonConfig(reference_adapter=None, scratch_baseline=False),
+    )
+
+
+@dataclass
+class SegmentOutput:
+    suite: SuiteOutput
+    overlay_path: Path
+
+    @property
+    def results(self) -> ResultsFile:
+        return self.suite.results
+
+    @property
+    def results_path(self) -> Path:
+        return self.suite.results_path
+
+    @property
+    def report_path(self) -> Path:
+        return self.suite.report_path
+
+
+def run_segment_probe(config: SegmentProbeConfig, echo: Callable[[str], None] = log.info) -> SegmentOutput:
+    """The probe as a one-task suite (cells reused on a rerun) plus ``overlay.png`` of the first test block."""
+    from medfoundry.bench.engine import run_suite
+    from medfoundry.bench.segmentation import SEGMENTATION, read_masks
+    from medfoundry.segment.overlay import save_overlay
+
+    suite = probe_suite(config)
+    task = SEGMENTATION.load(suite.tasks[0])
+    output = run_suite(
+        suite,
+        show_progress=False,
+        echo=echo,
+        metadata={"segment_probe": dump_config(config)},
+        title=f"medfoundry segmentation probe: {config.name}",
+        tasks={task.name: task},  # type: ignore[dict-item]  # the engine needs only what every kind's task has
+    )
+    store = CellStore(suite.output_dir / "tasks" / task.name)
+    model = suite.encoders[0].name
+    predictions = {
+        decoder: read_masks(store.predictions_path(CellKey(model, decoder, 1.0, config.seed)))[0]
+        for decoder in config.decoders
+    }
+    overlay = save_overlay(suite.output_dir / "overlay.png", task.test_blocks[0], predictions, task.class_map.names)
+    return SegmentOutput(output, overlay)

@@ -1,19 +1,28 @@
-"""The interface every SSL method implements, and the method registry."""
+"""The interface every SSL method implements, and the method registry.
+
+A method is one file: an :class:`SSLMethod` subclass decorated with ``@register_method("name")`` and, beside it,
+its settings class (a ``StrictModel``) which ``PretrainConfig`` holds under the same name. Its module is listed in
+``SSL_METHODS``'s modules, which the registry imports on the first lookup.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
+from medfoundry.registry import Registry
 from medfoundry.ssl.views import build_two_views
 from medfoundry.ssl.views3d import volume_views_for
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,8 @@ class StepValues:
     weight_decay: float
     momentum: float
     teacher_temp: float
+    # DINO and iBOT keep the last layer of their heads fixed at the start (a fraction of the run).
+    freeze_last_layer: bool = False
 
 
 @dataclass
@@ -67,13 +78,18 @@ class SSLMethod(nn.Module, ABC):
         """The encoder to keep after pre-training."""
 
 
-SSL_METHODS: dict[str, Callable[[Encoder, PretrainConfig], SSLMethod]] = {}
+# The modules whose SSLMethod subclasses register themselves; imported on the first lookup (no import circle).
+SSL_METHODS: Registry[type[SSLMethod]] = Registry(
+    "SSL method",
+    modules=tuple(f"medfoundry.ssl.{name}" for name in ("dino", "ibot", "simclr", "mocov3", "byol", "mae")),
+)
 
 
-def register_method(name: str) -> Callable[[type[SSLMethod]], type[SSLMethod]]:
+def register_method(name: str, **metadata: Any) -> Callable[[type[SSLMethod]], type[SSLMethod]]:
+    """Register an :class:`SSLMethod` subclass as ``name`` (its ``name`` attribute is set to match)."""
+
     def decorator(cls: type[SSLMethod]) -> type[SSLMethod]:
         cls.name = name
-        SSL_METHODS[name] = cls
-        return cls
+        return SSL_METHODS.register(name, **metadata)(cls)
 
     return decorator

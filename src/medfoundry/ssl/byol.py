@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
-from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
+from medfoundry.settings import StrictModel
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
 from medfoundry.ssl.ema import frozen_copy, update_teachers
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
+
+
+class BYOLConfig(StrictModel):
+    """BYOL: online encoder with projection and prediction heads regressing an EMA target."""
+
+    hidden_dim: int = 512
+    out_dim: int = 128
+    prediction_hidden_dim: int = 512
+    momentum_start: float = 0.99
+    momentum_end: float = 1.0
 
 
 @register_method("byol")

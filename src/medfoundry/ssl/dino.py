@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +19,58 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.utils import dist as lightly_dist
+from pydantic import Field, model_validator
 from torch import nn
 
-from medfoundry.config import DinoConfig, PretrainConfig
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import Encoder
+from medfoundry.settings import StrictModel
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
 from medfoundry.ssl.ema import frozen_copy, update_teachers
-from medfoundry.ssl.monitor import prediction_entropy
+from medfoundry.ssl.monitor import teacher_readings
 from medfoundry.ssl.views import build_dino_views
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
+
+
+class DinoConfig(StrictModel):
+    """DINO with DINOv2's guards against collapse (Sinkhorn-Knopp targets and KoLeo)."""
+
+    out_dim: int = 1024
+    hidden_dim: int = 512
+    bottleneck_dim: int = 128
+    teacher_targets: Literal["sinkhorn", "centering"] = "sinkhorn"
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    # Shares of the run (any budget). At the former default of 20 epochs they equal the former 5 and 1 epochs.
+    warmup_teacher_temp_fraction: float = Field(
+        0.25, ge=0, le=1, description="share of the run over which the teacher temperature rises to teacher_temp"
+    )
+    freeze_last_layer_fraction: float = Field(
+        0.05, ge=0, le=1, description="share of the run at the start during which the heads' last layer stays fixed"
+    )
+    warmup_teacher_temp_epochs: int | None = Field(
+        None, ge=0, description="older recipes: the warm-up in whole epochs; now warmup_teacher_temp_fraction"
+    )
+    freeze_last_layer_epochs: int | None = Field(
+        None, ge=0, description="older recipes: the freeze in whole epochs; now freeze_last_layer_fraction"
+    )
+    momentum_start: float = 0.99
+    momentum_end: float = 1.0
+
+    @model_validator(mode="after")
+    def _one_way_per_warmup(self) -> DinoConfig:
+        for old, new in (
+            ("warmup_teacher_temp_epochs", "warmup_teacher_temp_fraction"),
+            ("freeze_last_layer_epochs", "freeze_last_layer_fraction"),
+        ):
+            if getattr(self, old) is not None and new in self.model_fields_set:
+                raise ValueError(f"{old} is now {new} (a share of the run); give only {new}")
+        return self
 
 
 def cross_view_cross_entropy(
@@ -48,9 +92,15 @@ def build_dino_head(width: int, cfg: DinoConfig) -> DINOProjectionHead:
     # lightly's head uses torch's older weight_norm, which warns on every construction.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return DINOProjectionHead(
-            width, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim, freeze_last_layer=cfg.freeze_last_layer_epochs
-        )
+        # The freeze is scheduled in steps (StepValues.freeze_last_layer, see cancel_last_layer_gradients below).
+        return DINOProjectionHead(width, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim, freeze_last_layer=-1)
+
+
+def cancel_last_layer_gradients(head: DINOProjectionHead | None, values: StepValues) -> None:
+    """Keep the head's last layer fixed while the schedule says so: as DINO's freeze, counted in steps."""
+    if head is not None and values.freeze_last_layer:
+        for param in head.last_layer.parameters():
+            param.grad = None
 
 
 def twin_head(head: DINOProjectionHead, width: int, cfg: DinoConfig) -> DINOProjectionHead:
@@ -163,7 +213,6 @@ class DINO(SSLMethod):
 
         koleo = sum(self.koleo(f.float()) for f in student_features[: len(global_views)]) / len(global_views)
         loss = dino_loss + self.cfg.koleo_weight * koleo
-        entropy, used = prediction_entropy(torch.cat(teacher_logits), values.teacher_temp)
         return StepOutput(
             loss=loss,
             logs={
@@ -172,11 +221,11 @@ class DINO(SSLMethod):
                 "koleo": float(koleo.detach()),
             },
             monitor_features=student_features[0].detach(),
-            monitor_extra={"teacher_entropy": entropy, "prototypes_used": used},
+            monitor_extra=teacher_readings(torch.cat(teacher_logits), values.teacher_temp),
         )
 
     def before_optimizer_step(self, values: StepValues) -> None:
-        self.student_head.cancel_last_layer_gradients(values.epoch)
+        cancel_last_layer_gradients(self.student_head, values)
 
     def after_optimizer_step(self, values: StepValues) -> None:
         update_teachers([(self.student, self.teacher), (self.student_head, self.teacher_head)], values.momentum)

@@ -9,6 +9,7 @@ since it centres the teacher itself, so the per-image weighted cross-entropy is 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,18 +20,45 @@ from lightly.models.modules import MaskedVisionTransformerTIMM
 from lightly.models.modules.center import center_momentum
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.utils import dist as lightly_dist
+from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from medfoundry.config import PretrainConfig
 from medfoundry.distributed import rank_rows
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import Encoder
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
-from medfoundry.ssl.dino import BatchKoLeo, build_dino_head, cross_view_cross_entropy, sinkhorn_targets, twin_head
+from medfoundry.ssl.dino import (
+    BatchKoLeo,
+    DinoConfig,
+    build_dino_head,
+    cancel_last_layer_gradients,
+    cross_view_cross_entropy,
+    sinkhorn_targets,
+    twin_head,
+)
 from medfoundry.ssl.ema import update_teachers
-from medfoundry.ssl.monitor import prediction_entropy
+from medfoundry.ssl.monitor import prediction_entropy, teacher_readings
 from medfoundry.ssl.views import build_dino_views, seeded_rng
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
+
+
+class IBOTConfig(DinoConfig):
+    """iBOT / DINOv2-style: DINO on the CLS token plus masked-patch self-distillation (ViT only).
+
+    The student sees block-masked global crops and predicts, at each masked position, the teacher's prototype
+    distribution for the unmasked patch. Masking follows DINOv2 (a share of images masked, 10-50% of their
+    patches in blocks); the patch prototypes go through the same head as the CLS token unless
+    ``separate_patch_head`` (iBOT shares it, DINOv2 separates them).
+    """
+
+    patch_loss_weight: float = 1.0
+    separate_patch_head: bool = False
+    mask_sample_ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of global crops that are masked")
+    mask_ratio_min: float = Field(0.1, ge=0.0, lt=1.0)
+    mask_ratio_max: float = Field(0.5, gt=0.0, lt=1.0)
 
 
 def masked_patch_cross_entropy(
@@ -212,8 +240,7 @@ class IBOT(SSLMethod):
 
         koleo = sum(self.koleo(f.float()) for f in student_cls_features[:n_global]) / n_global
         loss = dino_loss + cfg.patch_loss_weight * patch_loss + cfg.koleo_weight * koleo
-        entropy, used = prediction_entropy(teacher_cls, values.teacher_temp)
-        extra = {"teacher_entropy": entropy, "prototypes_used": used}
+        extra = teacher_readings(teacher_cls, values.teacher_temp)
         if every_rank_masked:
             extra["teacher_patch_entropy"], _ = prediction_entropy(teacher_patches, values.teacher_temp)
         return StepOutput(
@@ -252,8 +279,7 @@ class IBOT(SSLMethod):
 
     def before_optimizer_step(self, values: StepValues) -> None:
         for head in (self.student_head, self.student_patch_head):
-            if head is not None:
-                head.cancel_last_layer_gradients(values.epoch)
+            cancel_last_layer_gradients(head, values)
 
     def after_optimizer_step(self, values: StepValues) -> None:
         pairs: list[tuple[nn.Module, nn.Module]] = [

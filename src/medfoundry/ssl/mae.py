@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from lightly.models import utils
@@ -21,17 +22,35 @@ from lightly.transforms.torchvision_v2_compatibility import torchvision_transfor
 from lightly.utils import dist as lightly_dist
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from PIL import Image
+from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from medfoundry.config import PretrainConfig
 from medfoundry.distributed import rank_rows
 from medfoundry.errors import ModelError
 from medfoundry.models.backbones import Encoder, is_vit
 from medfoundry.models.vit3d import ViT3D, patchify_3d
+from medfoundry.settings import StrictModel
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
 from medfoundry.ssl.views import seeded_rng
 from medfoundry.ssl.views3d import volume_views_for
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
+
+
+class MAEConfig(StrictModel):
+    """MAE (as in RETFound): a ViT encodes the kept patches of one view, a small decoder predicts the masked ones.
+
+    Mask ratio and per-patch normalised targets as in MAE; the decoder is much smaller than MAE's (512 wide,
+    8 blocks) so that 28 px images train on a CPU.
+    """
+
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
 
 
 def build_mae_view(config: PretrainConfig, mean: list[float], std: list[float]) -> MultiViewTransform:

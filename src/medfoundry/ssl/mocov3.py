@@ -8,6 +8,7 @@ negatives and key-anchored rows, which MoCo v3 does not have, so the few lines a
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +16,25 @@ from lightly.models.modules import MoCoProjectionHead
 from lightly.utils import dist as lightly_dist
 from torch import nn
 
-from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
+from medfoundry.settings import StrictModel
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
 from medfoundry.ssl.ema import frozen_copy, update_teachers
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
+
+
+class MoCoV3Config(StrictModel):
+    """MoCo v3: query encoder with projection and prediction heads against an EMA key encoder."""
+
+    temperature: float = 0.2
+    hidden_dim: int = 512
+    out_dim: int = 128
+    projection_layers: int = 3
+    prediction_hidden_dim: int = 512
+    momentum_start: float = 0.99
+    momentum_end: float = 1.0
 
 
 def moco_v3_contrastive(

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 
-from medfoundry.config import PretrainConfig
 from medfoundry.models.backbones import Encoder
+from medfoundry.settings import StrictModel
 from medfoundry.ssl.base import SSLMethod, StepOutput, StepValues, register_method
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
+
+
+class SimCLRConfig(StrictModel):
+    """SimCLR: NT-Xent over two views with in-batch negatives.
+
+    The CPU trial on BreastMNIST found temperature 0.2 with batch 64 and AdamW lr 1e-3 good.
+    """
+
+    temperature: float = 0.2
+    hidden_dim: int = 512
+    out_dim: int = 128
+    num_layers: int = 2
 
 
 @register_method("simclr")

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.progress import (
@@ -33,7 +33,6 @@ from rich.progress import (
 )
 from torch.utils.data import DataLoader
 
-from medfoundry.config import PretrainConfig
 from medfoundry.data.mixture import ConvertedChannels, MixedImageSet
 from medfoundry.data.sample import ImageSet
 from medfoundry.distributed import (
@@ -49,11 +48,21 @@ from medfoundry.distributed import (
 from medfoundry.errors import MedfoundryError
 from medfoundry.io_utils import atomic_path, ensure_writable_dir, hash_json, load_training_state, write_json_atomic
 from medfoundry.models.backbones import Encoder, skips_weight_decay
-from medfoundry.models.checkpoint import save_encoder
+from medfoundry.models.checkpoint import (
+    default_model_card,
+    encoder_config,
+    load_encoder_or_build,
+    save_encoder,
+    weights_hash,
+)
+from medfoundry.models.names import parse_model_name
 from medfoundry.ssl.base import SSL_METHODS, SSLMethod
-from medfoundry.ssl.monitor import CollapseMonitor
-from medfoundry.ssl.schedules import Schedules
+from medfoundry.ssl.monitor import CollapseMonitor, KNNMonitorSet
+from medfoundry.ssl.schedules import Schedules, budget_steps
 from medfoundry.ssl.views import EpochBatchSampler, SeededViewDataset
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
 
 log = logging.getLogger("medfoundry.pretrain")
 
@@ -68,11 +77,27 @@ _NON_FUNCTIONAL = {
     "checkpoint_every_steps",
     "tensorboard",
     "stop_on_collapse",
+    "threads",
 }
+# The budget is kept out of the fingerprint: a finished or stopped run can be extended to a larger budget.
+_BUDGET = ("epochs", "max_steps", "max_minutes")
+# A minutes budget times this many steps, after one untimed step (which pays for allocation and the first batches).
+CALIBRATION_STEPS = 5
+# The schedules during those steps are built for a run this long: all warm-ups are still at their start.
+_PROVISIONAL_STEPS = 10_000
 
 
 @dataclass
 class PretrainResult:
+    """What a pre-training call did.
+
+    ``total_steps`` is the step count the schedules span (estimated for a minutes budget, 0 while not yet
+    estimated). ``monitor`` holds every health reading (step, loss, feature_std, effective_rank, for DINO/iBOT
+    teacher_entropy, prototypes_used and prototype_use, knn_accuracy and knn_balanced_accuracy with a kNN monitor
+    set, and the warnings raised at that reading); ``warnings`` the health warnings raised over the whole run
+    (step, check, message); ``init_from`` the file name of the encoder it continued from.
+    """
+
     output_dir: Path
     encoder_dir: Path
     steps: int
@@ -81,18 +106,51 @@ class PretrainResult:
     images_per_second: float
     collapsed: bool
     resumed_from_step: int
-    monitor: list[dict[str, float]] = field(default_factory=list)
+    monitor: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    time_up: bool = False
+    budget: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.steps >= self.total_steps
+        """The budget is spent: every scheduled step taken, or (minutes budget) the time is up."""
+        return self.time_up or (self.total_steps > 0 and self.steps >= self.total_steps)
 
 
-def run_fingerprint(config: PretrainConfig, images: ImageSet, encoder: Encoder) -> str:
-    functional = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NON_FUNCTIONAL}
+def run_fingerprint(config: PretrainConfig, images: ImageSet, encoder: Encoder, init_weights: str = "") -> str:
+    functional = {
+        k: v for k, v in config.model_dump(mode="json").items() if k not in _NON_FUNCTIONAL and k not in _BUDGET
+    }
+    # The starting weights, not their path: a moved checkpoint folder still resumes.
+    functional["init_from"] = init_weights or None
     return hash_json(
         {"config": functional, "data": images.fingerprint(), "arch": [encoder.timm_name, encoder.timm_kwargs]}
     )
+
+
+def budget_of(config: PretrainConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in _BUDGET if getattr(config, name) is not None}
+
+
+def init_name(spec: str) -> str:
+    """What a model card says a run started from: file names only, never a private absolute path."""
+    parsed = parse_model_name(spec)
+    if parsed.kind == "public" and parsed.path is not None:
+        variant = "" if parsed.variant == "full" else f"@{parsed.variant}"
+        return f"public:{parsed.name}{variant}:{parsed.path.name}"
+    return Path(spec).name if parsed.kind == "folder" else spec
+
+
+def initial_encoder(spec: str) -> Encoder:
+    """The encoder continued pre-training starts from: a checkpoint folder or a public model from local weights."""
+    parsed = parse_model_name(spec)
+    if parsed.kind not in ("folder", "public"):
+        raise MedfoundryError(
+            f"pretrain.init_from '{spec}' is neither a checkpoint folder nor public:NAME:PATH; continued pre-training "
+            "starts from trained weights (the model section gives random ones)"
+        )
+    return load_encoder_or_build(spec, in_chans=3, img_size=None)
 
 
 def _optimizer(method: SSLMethod, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -108,13 +166,34 @@ def _optimizer(method: SSLMethod, config: PretrainConfig) -> torch.optim.Optimiz
     )
 
 
+@dataclass
+class _Budget:
+    """Where a run stands against its budget; saved in the state so a resumed or extended run continues it."""
+
+    budget: dict[str, Any]
+    total_steps: int | None
+    trained_seconds: float = 0.0
+    seconds_per_step: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        minutes = self.budget.get("max_minutes")
+        return None if minutes is None else 60.0 * float(minutes)
+
+    def estimate(self, step: int, spent: float) -> int:
+        """Steps a minutes budget allows: those taken plus the remaining seconds at the measured speed."""
+        assert self.seconds is not None and self.seconds_per_step is not None
+        return step + max(0, int((self.seconds - spent) // self.seconds_per_step))
+
+
 def _save_state(
     path: Path,
     method: SSLMethod,
     optimizer: torch.optim.Optimizer,
     step: int,
     fingerprint: str,
-    monitor: list[dict[str, float]],
+    monitor: CollapseMonitor,
+    budget: _Budget,
 ) -> None:
     with atomic_path(path) as tmp:
         torch.save(
@@ -123,10 +202,44 @@ def _save_state(
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "fingerprint": fingerprint,
-                "monitor": monitor,
+                "monitor": monitor.history,
+                "warnings": monitor.warnings,
+                "budget": budget.budget,
+                "total_steps": budget.total_steps,
+                "trained_seconds": budget.trained_seconds,
+                "seconds_per_step": budget.seconds_per_step,
             },
             tmp,
         )
+
+
+def _resumed_budget(state: dict[str, Any], config: PretrainConfig, planned: int | None, step: int) -> _Budget:
+    """The budget of a resumed run: the saved one, or the config's when it changed (the run is extended)."""
+    saved = _Budget(
+        state.get("budget", {}),
+        state.get("total_steps"),
+        float(state.get("trained_seconds", 0.0)),
+        state.get("seconds_per_step"),
+    )
+    budget = budget_of(config)
+    if saved.budget == budget:
+        return saved
+    current = _Budget(budget, planned, saved.trained_seconds, saved.seconds_per_step)
+    if current.seconds is not None and current.seconds_per_step is not None:
+        current.total_steps = current.estimate(step, current.trained_seconds)
+    if current.total_steps is not None and current.total_steps < step:
+        raise MedfoundryError(
+            f"this run has taken {step} steps, more than the new budget's {current.total_steps} ({budget}); give a "
+            "larger budget to extend it, or use a new output folder"
+        )
+    log.info(
+        "budget changed from %s to %s: continuing from step %d, schedules recomputed over %s steps",
+        saved.budget or "an earlier one",
+        budget,
+        step,
+        current.total_steps if current.total_steps is not None else "the estimated",
+    )
+    return current
 
 
 def pretrain(
@@ -138,26 +251,45 @@ def pretrain(
     data_description: str = "",
     stop_after_steps: int | None = None,
     show_progress: bool = True,
+    knn_monitor: KNNMonitorSet | None = None,
 ) -> PretrainResult:
     """Pre-train ``encoder`` on the unlabeled ``images`` with ``config.method``.
 
     Writes ``state/last.pt`` (resumable), ``encoder/`` (checkpoint folder), ``log.jsonl``, TensorBoard
     scalars under ``tensorboard/`` and ``summary.json``. ``stop_after_steps`` ends this call early (as a
     kill would) after checkpointing. Under torchrun the ranks share each global batch of ``config.batch_size``.
+
+    The budget is ``config.epochs``, ``max_steps`` or ``max_minutes``. A minutes budget times steps 2 to
+    1 + CALIBRATION_STEPS of the run (the schedules hold their start values meanwhile), sets the step count to the
+    steps taken plus the remaining time over the mean time per step, and stops at that count or when the time is
+    up, whichever comes first, saving the state either way. Calling again with a larger budget continues a
+    finished or stopped run from its state, with the schedules recomputed over the new step count.
+
+    ``config.init_from`` replaces ``encoder`` with trained weights (fresh SSL heads); ``knn_monitor`` adds the kNN
+    accuracy of the encoder's features on its held-out part to every monitor reading (rank 0 only).
     """
     env = init_distributed()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     output_dir = ensure_writable_dir(Path(output_dir))
+    init_weights, started_from = "", None
+    if config.init_from is not None:
+        encoder = initial_encoder(config.init_from)
+        init_weights, started_from = weights_hash(encoder.backbone), init_name(config.init_from)
+        log.info("continuing pre-training from %s with fresh %s heads", started_from, config.method)
     images = _match_channels(images, encoder)
     torch.manual_seed(config.seed)
-    if config.method not in SSL_METHODS:
-        raise MedfoundryError(f"unknown SSL method '{config.method}'; known: {', '.join(sorted(SSL_METHODS))}")
-    method = SSL_METHODS[config.method](encoder, config)
+    method = SSL_METHODS.get(config.method)(encoder, config)
     # Before the optimiser is built: synchronised batch norm keeps the parameters, and they move to the device.
     method = prepare_for_ddp(method, env).to(env.device)
     optimizer = _optimizer(method, config)
-    fingerprint = run_fingerprint(config, images, encoder)
+    fingerprint = run_fingerprint(config, images, encoder, init_weights)
     state_path = output_dir / STATE_FILE
+    steps_per_epoch = EpochBatchSampler(len(images), config.batch_size, 1, config.seed).steps_per_epoch
+    planned = budget_steps(config, steps_per_epoch)
     start_step, monitor = 0, CollapseMonitor()
+    saved_readings: dict[str, Any] | None = None
+    budget = _Budget(budget_of(config), planned)
     if not method.spread_signals_collapse:
         monitor.min_feature_std = 0.0
     if resume and state_path.is_file():
@@ -170,13 +302,31 @@ def pretrain(
             )
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step, monitor.history = int(state["step"]), list(state["monitor"])
+        start_step, saved_readings = int(state["step"]), state
+        budget = _resumed_budget(state, config, planned, start_step)
         log.info("resuming from step %d (%s)", start_step, state_path)
+
+    def schedules_for(total: int | None) -> Schedules:
+        # Until a minutes budget is estimated: a run so long that its warm-ups have barely begun.
+        provisional = max(_PROVISIONAL_STEPS, 10 * (start_step + CALIBRATION_STEPS + 1))
+        schedules = Schedules(config, steps_per_epoch, total if total is not None else provisional)
+        # A fresh head is near uniform by construction: judge the teacher once its warm-ups are over.
+        monitor.judge_teacher_from_step = max(schedules.warmup_steps, schedules.teacher_warmup_steps)
+        return schedules
+
+    def stop_step(total: int | None) -> float:
+        limit = math.inf if total is None else total
+        return limit if stop_after_steps is None else min(stop_after_steps, limit)
 
     views = method.build_views(encoder, config)
     epoch_order = images.epoch_order if isinstance(images, MixedImageSet) else None
-    sampler = EpochBatchSampler(len(images), config.batch_size, config.epochs, config.seed, start_step, epoch_order)
-    schedules = Schedules(config, sampler.steps_per_epoch)
+    # A minutes budget without an estimate yet draws epochs until the time is up.
+    epochs = -(-budget.total_steps // steps_per_epoch) if budget.total_steps is not None else 1_000_000
+    sampler = EpochBatchSampler(len(images), config.batch_size, epochs, config.seed, start_step, epoch_order)
+    schedules = schedules_for(budget.total_steps)
+    if saved_readings is not None:
+        # After the schedules: the replayed readings are judged from the same step as they were.
+        monitor.restore(list(saved_readings["monitor"]), list(saved_readings.get("warnings", [])))
     step_fn = wrap_training_step(method, env)
     loader = DataLoader(
         SeededViewDataset(images, views, config.seed),
@@ -186,13 +336,16 @@ def pretrain(
     )
     writer = _tensorboard(output_dir, config) if env.is_main else None
     log_path = output_dir / "log.jsonl"
-    step, started, images_seen = start_step, time.perf_counter(), 0
-    stop_at = schedules.total_steps if stop_after_steps is None else min(stop_after_steps, schedules.total_steps)
+    step, started, images_seen, saved_at = start_step, time.perf_counter(), 0, -1
+    stop_at = stop_step(budget.total_steps)
+    time_up = budget.seconds is not None and budget.trained_seconds >= budget.seconds
+    timing_from = started
+    progress_total = budget.total_steps or None
     method.train()
     with training_progress(show_progress and env.is_main) as progress, _log_file(log_path, env) as log_file:
-        task = progress.add_task(f"{config.method} pre-training", total=schedules.total_steps, completed=start_step)
+        task = progress.add_task(f"{config.method} pre-training", total=progress_total, completed=start_step)
         for batch in loader:
-            if step >= stop_at:
+            if step >= stop_at or time_up:
                 break
             values = schedules.at(step)
             for group in optimizer.param_groups:
@@ -219,74 +372,112 @@ def pretrain(
             method.after_optimizer_step(values)
             step += 1
             images_seen += batch[0].shape[0] * env.world_size
-            record: dict[str, float] = {"step": step, "epoch": values.epoch, "lr": values.lr, **logs}
-            if step % config.monitor_every_steps == 0 or step == stop_at:
+            now = time.perf_counter()
+            if budget.seconds is not None:
+                # The mean over ranks: every rank reads the same time, so all stop at the same step.
+                spent = mean_across_ranks({"spent": budget.trained_seconds + now - started}, env)["spent"]
+                if budget.total_steps is None and step - start_step == 1:
+                    timing_from = now
+                elif budget.total_steps is None and step - start_step == 1 + CALIBRATION_STEPS:
+                    budget.seconds_per_step = (now - timing_from) / CALIBRATION_STEPS
+                    budget.total_steps = budget.estimate(step, spent)
+                    schedules, stop_at = schedules_for(budget.total_steps), stop_step(budget.total_steps)
+                    progress.update(task, total=budget.total_steps)
+                    log.info(
+                        "%.3f s per step: %s min give %d steps; the schedules span them",
+                        budget.seconds_per_step,
+                        budget.budget["max_minutes"],
+                        budget.total_steps,
+                    )
+                time_up = spent >= budget.seconds
+            record: dict[str, Any] = {"step": step, "epoch": values.epoch, "lr": values.lr, **logs}
+            if step % config.monitor_every_steps == 0 or step == stop_at or time_up:
+                extra = mean_across_ranks(output.monitor_extra, env)
+                if knn_monitor is not None and env.is_main:
+                    extra.update(knn_monitor.evaluate(method.export_encoder(), env.device))
                 # Every rank reads the monitor on the global batch's features, so all agree on a collapse stop.
                 reading = monitor.update(
-                    step,
-                    gather_rows(output.monitor_features.float(), env).cpu(),
-                    mean_across_ranks(output.monitor_extra, env),
+                    step, gather_rows(output.monitor_features.float(), env).cpu(), extra, loss=logs["loss"]
                 )
                 record.update({k: v for k, v in reading.items() if k != "step"})
-                if monitor.collapsed:
-                    log.warning(monitor.message())
             if env.is_main and (step % config.log_every_steps == 0 or "feature_std" in record):
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 if writer is not None:
                     for key, value in record.items():
-                        if key not in ("step", "epoch"):
+                        if key not in ("step", "epoch") and isinstance(value, int | float):
                             writer.add_scalar(f"pretrain/{key}", value, step)
             progress.update(task, completed=step, description=f"{config.method} loss {logs['loss']:.3f}")
-            if (
-                show_progress
-                and env.is_main
-                and not progress.console.is_terminal
-                and step % max(1, schedules.total_steps // 10) == 0
-            ):
+            tenth = max(1, (budget.total_steps or _PROVISIONAL_STEPS) // 10)
+            if show_progress and env.is_main and not progress.console.is_terminal and step % tenth == 0:
                 # No live bar in logs and CI: a line every tenth of the run instead.
-                log.info("step %d/%d loss %.3f", step, schedules.total_steps, logs["loss"])
-            if env.is_main and (step % config.checkpoint_every_steps == 0 or step == stop_at):
-                _save_state(state_path, method, optimizer, step, fingerprint, monitor.history)
+                log.info("step %d/%s loss %.3f", step, budget.total_steps or "?", logs["loss"])
+            at_end = step == stop_at or time_up
+            if env.is_main and (step % config.checkpoint_every_steps == 0 or at_end):
+                budget_now = _Budget(budget.budget, budget.total_steps, budget.trained_seconds + now - started)
+                budget_now.seconds_per_step = budget.seconds_per_step
+                _save_state(state_path, method, optimizer, step, fingerprint, monitor, budget_now)
+                saved_at = step
             if config.stop_on_collapse and monitor.collapsed:
                 log.error("stopping: %s", monitor.message())
-                if env.is_main:
-                    _save_state(state_path, method, optimizer, step, fingerprint, monitor.history)
                 break
     if writer is not None:
         writer.close()
     seconds = time.perf_counter() - started
-    if env.is_main and step > start_step and not state_path.is_file():
-        _save_state(state_path, method, optimizer, step, fingerprint, monitor.history)
+    budget.trained_seconds += seconds
+    if time_up and budget.total_steps is None:
+        # The time ran out before the speed was measured: the run ends at the steps it took.
+        log.warning("%s min ran out within the first steps; give a larger budget", budget.budget["max_minutes"])
+        budget.total_steps = step
+    finished = time_up or (budget.total_steps is not None and step >= budget.total_steps)
+    # A verdict on the state the encoder ends in, kept in the state like every other reading.
+    final_warnings = monitor.finish() if finished else []
+    if env.is_main and (saved_at != step or final_warnings) and (step > start_step or final_warnings):
+        _save_state(state_path, method, optimizer, step, fingerprint, monitor, budget)
     result = PretrainResult(
         output_dir=output_dir,
         encoder_dir=output_dir / ENCODER_DIR,
         steps=step,
-        total_steps=schedules.total_steps,
+        total_steps=budget.total_steps or 0,
         seconds=seconds,
         images_per_second=images_seen / seconds if seconds > 0 else 0.0,
         collapsed=monitor.collapsed,
         resumed_from_step=start_step,
         monitor=monitor.history,
+        warnings=monitor.warnings,
+        time_up=time_up,
+        budget=budget.budget,
+        init_from=started_from,
     )
     if result.finished and env.is_main:
         exported = method.export_encoder().cpu()
-        save_encoder(
-            exported,
-            result.encoder_dir,
-            extra={
-                "ssl_method": config.method,
-                "data": data_description or images.name,
-                "pretrain_steps": step,
-                "pretrain_fingerprint": fingerprint,
-                "pretrain_config": config.model_dump(mode="json"),
-            },
-        )
+        dumped = config.model_dump(mode="json")
+        dumped["init_from"] = started_from
+        extra = {
+            "ssl_method": config.method,
+            "data": data_description or images.name,
+            "pretrain_steps": step,
+            "pretrain_fingerprint": fingerprint,
+            "pretrain_config": dumped,
+            **({"init_from": started_from} if started_from else {}),
+        }
+        save_encoder(exported, result.encoder_dir, extra=extra, card=_model_card(exported, extra))
     if env.is_main:
         _write_summary(output_dir, fingerprint, step, start_step, seconds, result, monitor)
     # No rank returns before rank 0 has written the state, the encoder and the summary that callers read next.
     barrier(env)
     return result
+
+
+def _model_card(encoder: Encoder, extra: dict[str, Any]) -> str:
+    """The default card, plus what continued pre-training started from."""
+    card = default_model_card(encoder_config(encoder, extra))
+    if "init_from" not in extra:
+        return card
+    lines = card.splitlines()
+    at = next((i + 1 for i, line in enumerate(lines) if line.startswith("- Training:")), len(lines))
+    lines.insert(at, f"- Continued from: {extra['init_from']} (its encoder weights; fresh SSL heads)")
+    return "\n".join(lines) + "\n"
 
 
 def _write_summary(
@@ -309,6 +500,10 @@ def _write_summary(
             "images_per_second": result.images_per_second,
             "collapsed": result.collapsed,
             "resumed_from_step": start_step,
+            "time_up": result.time_up,
+            "budget": result.budget,
+            "init_from": result.init_from,
+            "warnings": monitor.warnings,
             "last_monitor": monitor.history[-1] if monitor.history else None,
         },
     )

@@ -18,10 +18,14 @@ from lightly.transforms.multi_view_transform import MultiViewTransform
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from medfoundry.config import ViewsConfig
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import DataError
-from medfoundry.transforms.view import DomainMultiViewTransform, DomainViewTransform, uses_domain_steps
+from medfoundry.transforms.view import (
+    DomainMultiViewTransform,
+    DomainViewTransform,
+    ViewsConfig,
+    uses_domain_steps,
+)
 
 
 def to_pil(image: np.ndarray, source: str = "") -> Image.Image:

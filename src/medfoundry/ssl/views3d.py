@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,9 +42,12 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from medfoundry.config import PretrainConfig, ViewsConfig
 from medfoundry.errors import DataError, ModelError
 from medfoundry.models.backbones import Encoder
+
+if TYPE_CHECKING:
+    from medfoundry.config import PretrainConfig
+    from medfoundry.transforms.view import ViewsConfig
 
 # MONAI seeds are drawn below 2**32; torch draws them here so seeded_rng governs them.
 _MAX_SEED = 2**31

@@ -13,20 +13,85 @@ views reproducible per (seed, epoch, index).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightly.transforms.gaussian_blur import GaussianBlur
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.transforms.solarize import RandomSolarization
 from PIL import Image
+from pydantic import Field, model_validator
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from medfoundry.config import ViewsConfig
+from medfoundry.settings import StrictModel
 from medfoundry.transforms.ophthalmology import RandomSpeckle, black_outside, fov_mask_tensor
 from medfoundry.transforms.pathology import RandomHEDJitter, random_rot90
 from medfoundry.transforms.radiology import RandomWindowJitter, small_affine
+
+
+class ViewsConfig(StrictModel):
+    """Multi-crop views (lightly's DINOTransform). Defaults suit 1-channel 28 px ultrasound.
+
+    Two-view methods (SimCLR, MoCo v3, BYOL) use the global-crop fields only; the local-crop fields are DINO's.
+    MAE uses one view: a global crop (size and scale) with horizontal flip, nothing else.
+
+    Crop scales are larger than DINO's ImageNet defaults: at 28 px a crop of a fifth of the image keeps too
+    few pixels. On BreastMNIST, global 0.5-1 / local 0.2-0.5 beat 0.3-1 / 0.1-0.4 slightly at equal budget.
+    """
+
+    global_crop_size: int = 28
+    global_crop_scale: tuple[float, float] = (0.5, 1.0)
+    local_crop_size: int = 16
+    local_crop_scale: tuple[float, float] = (0.2, 0.5)
+    n_local_views: int = 4
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.0
+    rotation_degrees: float = 10.0
+    rotation_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.0
+    hue: float = 0.0
+    blur_prob: float = 0.2
+    blur_sigmas: tuple[float, float] = (0.1, 1.0)
+    solarization_prob: float = 0.0
+    # Domain presets (medfoundry.transforms.presets, docs/views.md) fill in the fields not set explicitly.
+    # Frozen: the preset is applied when the config is built, so a later assignment could not re-apply it.
+    domain: Literal["natural", "pathology", "radiology", "ophthalmology", "oct"] = Field(
+        "natural", frozen=True, description="view preset; 'natural' keeps the views above unchanged"
+    )
+    rot90_prob: float = Field(0.0, ge=0.0, le=1.0, description="90-degree rotation; with both flips at 0.5, all 8")
+    hed_scale: float = Field(0.0, ge=0.0, description="H&E stain density scale jitter: alpha ~ U(1-s, 1+s)")
+    hed_shift: float = Field(0.0, ge=0.0, description="H&E stain density shift jitter: beta ~ U(-s, s)")
+    window_level_shift: float = Field(0.0, ge=0.0, description="grey window centre shift, a fraction of the range")
+    window_width_range: tuple[float, float] = Field((1.0, 1.0), description="grey window width factor range")
+    gamma_range: tuple[float, float] = Field((1.0, 1.0), description="gamma range, drawn log-uniformly")
+    affine_translate: float = Field(0.0, ge=0.0, le=1.0, description="random shift, a fraction of the crop size")
+    affine_scale: tuple[float, float] = Field((1.0, 1.0), description="random zoom range after the crop")
+    fov_mask: bool = Field(False, description="keep the circular field of view of fundus photos (black outside)")
+    speckle_sigma: float = Field(
+        0.0, ge=0.0, le=1.0, description="multiplicative speckle noise (OCT): x * (1 + s * N(0, 1)), s ~ U(0, sigma)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_domain_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("domain", "natural") == "natural":
+            return data
+        from medfoundry.transforms.presets import DOMAIN_PRESETS  # here: keeps the config's imports light
+
+        # An unknown domain is left to the field's own validation, which names the choices.
+        return {**DOMAIN_PRESETS.get(data["domain"], {}), **data}
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> ViewsConfig:
+        for name in ("window_width_range", "gamma_range", "affine_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got ({low}, {high})")
+        return self
 
 
 class PreparedImage(NamedTuple):

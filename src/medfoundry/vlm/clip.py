@@ -17,10 +17,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -30,12 +31,41 @@ from medfoundry.errors import ModelError
 from medfoundry.io_utils import atomic_dir
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import load_encoder, save_encoder
+from medfoundry.settings import StrictModel
 from medfoundry.vlm.text import TOKENIZER_FILE, TextTokenizer, TextTower, load_text_model, save_text_model
 
 CLIP_FILE = "clip.json"
 PROJECTIONS_FILE = "projections.safetensors"
 TRAIN_IDS_FILE = "train_images.txt"
 FORMAT = "medfoundry-clip/1"
+
+
+class CLIPConfig(StrictModel):
+    """CLIP-style image-text pre-training (medfoundry.vlm, docs/vision-language.md).
+
+    ``data.source`` names image-text pairs (pairs.csv, pairs.json or vqa_rad:PATH); ``model`` is the image
+    encoder. The text tower is a small BERT trained from scratch with a tokenizer trained on the training texts,
+    or the Hugging Face checkpoint folder ``text_checkpoint`` (which must hold a tokenizer.json).
+    """
+
+    embed_dim: int = Field(128, ge=8, description="shared image-text embedding size")
+    max_tokens: int = Field(128, ge=8, description="longer texts are truncated (and counted in a warning)")
+    # BPE by default: WordPiece training in Hugging Face tokenizers is not deterministic (tokenizers issue #1794),
+    # so two runs with the same seed would get different vocabularies.
+    tokenizer: Literal["bpe", "wordpiece"] = "bpe"
+    vocab_size: int = Field(4000, ge=100)
+    min_frequency: int = Field(2, ge=1)
+    text_checkpoint: Path | None = Field(None, description="local Hugging Face text model folder instead of scratch")
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    text_pooling: Literal["mean", "cls"] = "mean"
+    init_temperature: float = Field(0.07, gt=0)
+    max_logit_scale: float = Field(100.0, gt=1, description="CLIP clamps exp(logit_scale) at 100")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out images (split by patient/image)")
+    split_seed: int = 0
+    crop_scale: tuple[float, float] = Field((0.7, 1.0), description="random resized crop area range")
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

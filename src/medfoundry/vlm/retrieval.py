@@ -141,7 +141,7 @@ def run_retrieval(
 ) -> RetrievalOutput:
     """Evaluate on ``split`` of the pairs (split as in training, from the model's clip.json; ``all`` for every
     image) and write ``retrieval.json``, ``results.json`` (model and chance rows) and ``report.html``."""
-    from medfoundry.evaluate.report import render_report
+    from medfoundry.report import render_report
 
     loaded_info = load_clip(model_dir).info
     pairs = load_pairs(pairs_spec)

@@ -9,6 +9,8 @@ first token's state (``cls``).
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,9 +198,19 @@ def load_text_model(folder: Path | str) -> nn.Module:
     if not (folder / "config.json").is_file():
         raise ModelError("not a Hugging Face model folder (no config.json)", folder)
     try:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load text model ({' '.join(str(error).split())[:300]})", folder) from None
+        # trust_remote_code=False: a folder whose config names its own Python code (auto_map) is refused, never
+        # run, and never prompts (transformers asks interactively when this is left unset).
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except pickle.UnpicklingError:
+        # transformers reads .bin files with torch.load(weights_only=True), which refuses pickled Python objects.
+        raise ModelError(
+            "refused: the weights file pickles Python objects besides tensors, and medfoundry never unpickles "
+            "arbitrary code; save the model with safe_serialization=True (model.safetensors) on a trusted machine",
+            folder,
+        ) from None
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as error:
+        first = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())[:300]  # no terminal colour codes
+        raise ModelError(f"cannot load text model ({type(error).__name__}: {first})", folder) from None
     if not hasattr(model.config, "hidden_size"):
         raise ModelError("text model config has no hidden_size; only encoder text models are supported", folder)
     return model

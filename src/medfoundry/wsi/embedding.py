@@ -1,9 +1,9 @@
 """Streaming tile embedding: slide regions read on demand in DataLoader workers, through an encoder, into HDF5.
 
 The slide is never loaded whole: each worker opens its own OpenSlide handle lazily and reads one region per
-tile. Features are written row by row into ``.<stem>.h5.tmp`` and renamed to ``<stem>.h5`` only when complete,
-so a killed run leaves no file that could be mistaken for a result; the stale temp file is removed next time.
-A finished file is reused when its encoder weights hash, preprocessing and coordinates all match.
+tile. Features stream into the features cache (:mod:`medfoundry.models.feature_cache`, the one images use too):
+written row by row into ``.<stem>.h5.tmp`` and renamed to ``<stem>.h5`` only when complete, and reused when the
+encoder weights, the preprocessing (stain normalisation included) and the tiles (coordinates, size, mpp) all match.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medfoundry.adapt.embed import prepare_batch, preprocessing_spec
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.io_utils import hash_json, write_json_atomic
+from medfoundry.models import feature_cache as cache
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import load_encoder_or_build, weights_hash
+from medfoundry.models.features import encode_batches, preprocessing_spec
 from medfoundry.transforms.stain import MacenkoNormalizer
 from medfoundry.wsi.dicom import is_dicom_slide_folder
 from medfoundry.wsi.tiling import SLIDE_FILE_SUFFIXES, ReadPlan, open_slide, read_patches, read_tile
@@ -150,45 +151,35 @@ def _slide_path_attr(patches: Path) -> Path | None:
 
 
 def output_key(
-    encoder: Encoder, encoder_hash: str, attrs: dict[str, Any], stain: MacenkoNormalizer | None = None
-) -> dict[str, Any]:
-    """What a finished features file must match to be reused (coords are compared separately)."""
-    return {
-        "encoder_weights_hash": encoder_hash,
-        "preprocessing_hash": hash_json(preprocessing_spec(encoder)),
+    encoder: Encoder,
+    encoder_hash: str,
+    coords: np.ndarray,
+    attrs: dict[str, Any],
+    stain: MacenkoNormalizer | None = None,
+) -> dict[str, str]:
+    """What a finished features file must match to be reused: the feature cache's key for these tiles."""
+    return cache.cache_key(encoder_hash, slide_preprocessing(encoder, stain), tiles_hash(coords, attrs))
+
+
+def slide_preprocessing(encoder: Encoder, stain: MacenkoNormalizer | None) -> dict[str, Any]:
+    # Features of stain-normalised tiles are different features: a change of reference recomputes them.
+    return {**preprocessing_spec(encoder), "stain_normalisation": _stain_name(stain)}
+
+
+def _stain_name(stain: MacenkoNormalizer | None) -> str:
+    return "none" if stain is None else "macenko:" + hash_json(stain.to_dict())
+
+
+def tiles_hash(coords: np.ndarray, attrs: dict[str, Any]) -> str:
+    """The data part of the key: which tiles, cut how (from the patches file alone, before the slide is opened)."""
+    size0 = attrs.get("patch_size_level0")
+    cut = {
         "patch_size": int(attrs["patch_size"]),
+        "patch_size_level0": None if size0 is None else int(size0),
+        "level": int(attrs.get("level", 0)),
         "mpp": float(attrs.get("mpp", 0.0) or 0.0),
-        # Features of stain-normalised tiles are different features: a change of reference recomputes them.
-        "stain_normalisation": "none" if stain is None else "macenko:" + hash_json(stain.to_dict()),
     }
-
-
-def is_reusable(path: Path, key: dict[str, Any], coords: np.ndarray) -> bool:
-    """Whether ``path`` is a complete features file for these weights, preprocessing and coordinates."""
-    if not path.is_file():
-        return False
-    try:
-        with h5py.File(path, "r") as h5:
-            attrs = dict(h5.attrs)
-            same_key = all(_same(attrs.get(name), value) for name, value in key.items())
-            if not same_key or h5["features"].shape[0] != len(coords):
-                return False
-            return bool(np.array_equal(h5["coords"][()], coords))
-    except (OSError, KeyError):
-        return False
-
-
-def _same(stored: Any, wanted: Any) -> bool:
-    if isinstance(stored, bytes):
-        stored = stored.decode()
-    if isinstance(wanted, float):
-        return stored is not None and abs(float(stored) - wanted) < 1e-9
-    return stored == wanted
-
-
-def temp_path(final: Path) -> Path:
-    """The one temp name per output: a stale one from a killed run is found and removed, never reused."""
-    return final.with_name(f".{final.name}.tmp")
+    return cache.array_hash(np.asarray(coords, dtype=np.int64), extra=cut)
 
 
 @torch.inference_mode()
@@ -202,33 +193,14 @@ def write_features(
     bf16: bool,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Embed every tile into ``final`` via its temp file; ``final`` appears only when all rows are written."""
-    tmp = temp_path(final)
-    tmp.unlink(missing_ok=True)
+    """Embed every tile into ``final`` through the cache's temp file; ``final`` appears only when all rows are in."""
     loader = DataLoader(tiles, shuffle=False, **loader_options)
-    try:
-        with h5py.File(tmp, "w") as h5:
-            features = h5.create_dataset("features", shape=(len(tiles), encoder.embed_dim), dtype=np.float32)
-            h5.create_dataset("coords", data=tiles.coords)
-            row = 0
-            for batch in loader:
-                x = prepare_batch(encoder, batch.to(device, non_blocking=True), str(tiles.slide_path))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = encoder(x)
-                values = out.float().cpu().numpy()
-                if not np.isfinite(values).all():
-                    raise DataError(f"encoder produced NaN/inf features near tile {row}", tiles.slide_path)
-                features[row : row + len(values)] = values
-                row += len(values)
-                if progress is not None:
-                    progress(len(values))
-            for name, value in attrs.items():
-                h5.attrs[name] = value
-        with open(tmp, "rb+") as handle:  # noqa: PTH123 - fsync needs a file descriptor
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    rows = encode_batches(encoder, loader, device, bf16, tiles.slide_path, lambda row: f"tile {row}")
+    with cache.writing(final, len(tiles), encoder.embed_dim, attrs, {"coords": tiles.coords}) as writer:
+        for values in rows:
+            writer.append(values)
+            if progress is not None:
+                progress(len(values))
 
 
 class SlideState:
@@ -281,14 +253,14 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
     final = ctx.out_dir / f"{job.stem}.h5"
     state = SlideState(ctx.out_dir / "state" / f"{job.stem}.json", job.stem)
     coords, attrs = read_patches(job.patches)
-    key = output_key(ctx.encoder, ctx.encoder_hash, attrs, ctx.stain)
-    stale = temp_path(final)
+    key = output_key(ctx.encoder, ctx.encoder_hash, coords, attrs, ctx.stain)
+    stale = cache.temp_path(final)
     if state.interrupted:
         log.info("%s: the previous attempt was interrupted; starting this slide over", job.stem)
     if stale.exists():
         log.info("%s: removing a partial file from an interrupted run", stale)
         stale.unlink()
-    if is_reusable(final, key, coords):
+    if cache.is_current(final, key, len(coords), ("coords",)):
         state.record("skipped", reason="already done with the same encoder weights and coordinates")
         return {"slide": job.stem, "status": "skipped", "reason": "already done", "output": str(final)}
     if job.slide is None:
@@ -312,8 +284,11 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
     tiles = SlideTiles(job.slide, coords, plan, ctx.stain)
     out_attrs = {
         **key,
+        **cache.describe(slide_preprocessing(ctx.encoder, ctx.stain), ctx.encoder.embed_dim),
         "encoder": ctx.encoder_name,
-        "embed_dim": ctx.encoder.embed_dim,
+        "patch_size": plan.patch_size,
+        "mpp": plan.target_mpp,
+        "stain_normalisation": _stain_name(ctx.stain),
         "level": plan.level,
         "slide": job.stem,
         "bf16": ctx.bf16,
@@ -369,11 +344,14 @@ def default_workers(device: torch.device) -> int:
     return 0 if cores <= 2 else 1
 
 
-def loader_options(batch_size: int, num_workers: int, prefetch: int = 4) -> dict[str, Any]:
+def loader_options(
+    batch_size: int, num_workers: int, prefetch: int = 4, device: torch.device | None = None
+) -> dict[str, Any]:
     options: dict[str, Any] = {
         "batch_size": batch_size,
         "num_workers": num_workers,
-        "pin_memory": torch.cuda.is_available(),
+        # Pinned pages only speed up copies to a GPU; with --device cpu on a CUDA machine they cost memory and time.
+        "pin_memory": torch.cuda.is_available() and device is not None and device.type == "cuda",
     }
     if num_workers > 0:
         # Workers decode JPEG tiles while the encoder runs; a few batches ahead keep it fed.
@@ -417,7 +395,7 @@ def embed_slides(
         model,
         weights_hash(built.backbone),
         out,
-        loader_options(batch_size, default_workers(target) if num_workers is None else num_workers),
+        loader_options(batch_size, default_workers(target) if num_workers is None else num_workers, device=target),
         target,
         bf16,
         sys.stderr.isatty() if progress is None else progress,

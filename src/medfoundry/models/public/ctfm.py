@@ -12,10 +12,13 @@ from __future__ import annotations
 import torch
 from monai.networks.nets.segresnet_ds import SegResEncoder
 
+from medfoundry.models.backbones import ARCHITECTURES
+
 #: The architecture name written to config.json (not a timm name: timm has no 3D CNNs).
 CTFM_ARCHITECTURE = "medfoundry.ctfm_segresencoder"
 
 
+@ARCHITECTURES.register(CTFM_ARCHITECTURE)
 class CTFMEncoder(SegResEncoder):
     """SegResEncoder returning the global average of its deepest feature map, ``(B, init_filters * 2**(L-1))``."""
 

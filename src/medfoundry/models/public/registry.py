@@ -18,6 +18,7 @@ from typing import Any
 
 from medfoundry.errors import ModelError
 from medfoundry.models.public.ctfm import CTFM_ARCHITECTURE
+from medfoundry.registry import Registry, UnknownModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,26 +67,29 @@ class PublicModel:
         raise ModelError(f"unknown variant '{variant}' for public model '{self.name}': use 'full' or 'test'")
 
 
-PUBLIC_MODELS: dict[str, PublicModel] = {}
+# Every entry is registered below, in this file: the registry needs no modules to import.
+PUBLIC_MODELS: Registry[PublicModel] = Registry("public model", error=UnknownModelError)
 
 
 def register_public(name: str, *, timm_kwargs: dict[str, Any], test_kwargs: dict[str, Any], **fields: Any) -> None:
+    """Register one entry (a value, hence no decorator); the mappings are frozen so an entry cannot drift."""
     if fields["token"] not in TOKEN_POOLS:
         raise ValueError(f"token must be one of {sorted(TOKEN_POOLS)}")
-    PUBLIC_MODELS[name] = PublicModel(
-        name=name, timm_kwargs=MappingProxyType(timm_kwargs), test_kwargs=MappingProxyType(test_kwargs), **fields
+    PUBLIC_MODELS.add(
+        name,
+        PublicModel(
+            name=name, timm_kwargs=MappingProxyType(timm_kwargs), test_kwargs=MappingProxyType(test_kwargs), **fields
+        ),
     )
 
 
 def get_public_model(name: str) -> PublicModel:
-    key = name.strip().lower().replace("-", "_")
-    if key not in PUBLIC_MODELS:
-        raise ModelError(f"unknown public model '{name}'. Known: {', '.join(sorted(PUBLIC_MODELS))}")
-    return PUBLIC_MODELS[key]
+    """The entry for ``name``, in any case and with - for _ ("UNI2-h" is uni2_h)."""
+    return PUBLIC_MODELS.get(name.strip().lower().replace("-", "_"))
 
 
 def list_public_models() -> list[PublicModel]:
-    return [PUBLIC_MODELS[name] for name in sorted(PUBLIC_MODELS)]
+    return [entry for _, entry in PUBLIC_MODELS.items()]
 
 
 # Test variants: same builder and same structural switches (registers, layer scale, SwiGLU, mlp ratio,

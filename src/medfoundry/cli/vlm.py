@@ -1,30 +1,30 @@
 """``medfoundry zero-shot`` and ``medfoundry retrieval``: a thin layer over ``medfoundry.vlm``.
 
+Zero-shot runs as a one-task suite of the evaluation engine (a ``zero-shot`` task, :mod:`medfoundry.bench.zeroshot`),
+so its results, predictions and report are laid out like any suite's and a suite YAML can hold the same task.
+Retrieval scores image-text pairs, which no suite task kind holds yet, so it writes its own results.
 CLIP models are trained with ``medfoundry pretrain --method clip`` (docs/vision-language.md).
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-console = Console(stderr=True)
+from medfoundry.cli.common import echo
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="CLIP model folder (<run>/pretrain/clip)")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: beside the model)")]
 BootstrapOpt = Annotated[int, typer.Option("--n-bootstrap", help="bootstrap resamples for the CIs")]
 
 
-def _echo(line: str) -> None:
-    console.print(escape(line), highlight=False, soft_wrap=True)
-
-
-def zero_shot_cmd(
+def zero_shot(
     model: ModelOpt,
     data: Annotated[str, typer.Option("--data", "-d", help="labelled dataset spec: folder, csv, prefix:path")],
     classes: Annotated[
@@ -49,22 +49,43 @@ def zero_shot_cmd(
     n_bootstrap: BootstrapOpt = 1000,
 ) -> None:
     """Zero-shot classification with prompt ensembles; writes predictions, results.json and report.html."""
-    from medfoundry.vlm.zeroshot import run_zero_shot
+    from medfoundry.config import AdaptConfig, EvaluateConfig, SuiteConfig, TaskConfig
+    from medfoundry.data.registry import resolve_reader
 
     out_dir = out or model.parent / "zero-shot"
-    result = run_zero_shot(
-        model, data, classes, templates, out_dir, split, patient_regex, n_bootstrap=n_bootstrap, task=task
+    # Task names become file names: the data folder's name with anything else replaced.
+    name = task or re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(resolve_reader(data)[1])).name).strip("-._") or "data"
+    settings = {"checkpoint": str(model), "classes": classes, **({"templates": templates} if templates else {})}
+    spec = TaskConfig(
+        name=name,
+        kind="zero-shot",
+        source=data,
+        options={"patient_regex": patient_regex} if patient_regex else {},
+        test_split=split or "test",
+        metrics=["auroc", "balanced_accuracy"],
+        zero_shot=settings,
     )
+    suite = SuiteConfig(
+        name=name,
+        output_dir=out_dir,
+        tasks=[spec],
+        adapt=AdaptConfig(seeds=[0]),
+        evaluate=EvaluateConfig(n_bootstrap=n_bootstrap),
+    )
+    from medfoundry.bench.engine import run_suite  # after the config: typos fail before the slow import
+
+    result = run_suite(suite, show_progress=sys.stderr.isatty(), echo=echo, title="medfoundry zero-shot")
     table = Table("metric", "value", "95% CI")
-    for name, value in result.metrics.items():
-        table.add_row(name, f"{value.value:.3f}", f"[{value.ci_low:.3f}, {value.ci_high:.3f}]")
+    for record in result.results.records:
+        table.add_row(record.metric, f"{record.value:.3f}", f"[{record.ci_low:.3f}, {record.ci_high:.3f}]")
     Console().print(table)
-    n_prompts = ", ".join(f"{k}: {len(v)}" for k, v in result.prompts.items())
-    _echo(f"{len(result.ids)} images, prompts per class {n_prompts}; {result.skipped.summary('images')}")
-    _echo(f"Results: {result.paths['results']}  Report: {result.paths['report']}")
+    prompts = result.results.metadata["tasks"][name]["n_prompts_per_class"]
+    n_images = result.results.records[0].n_test
+    echo(f"{n_images} images, prompts per class {', '.join(f'{k}: {v}' for k, v in prompts.items())}")
+    echo(f"Results: {result.results_path}  Report: {result.report_path}")
 
 
-def retrieval_cmd(
+def retrieval(
     model: ModelOpt,
     pairs: Annotated[str, typer.Option("--pairs", "-p", help="pairs.csv, pairs.json or vqa_rad:PATH")],
     split: Annotated[
@@ -89,13 +110,12 @@ def retrieval_cmd(
             f"{rv.chance:.3f}",
         )
     Console().print(table)
-    _echo(f"{result.n_images} images, {result.n_texts} texts ({split}); {result.skipped}")
+    echo(f"{result.n_images} images, {result.n_texts} texts ({split}); {result.skipped}")
     if result.seen_in_training:
-        _echo(f"warning: {result.seen_in_training} of these images were seen in training")
-    _echo(f"Results: {result.paths['retrieval']}  Report: {result.paths['report']}")
+        echo(f"warning: {result.seen_in_training} of these images were seen in training")
+    echo(f"Results: {result.paths['retrieval']}  Report: {result.paths['report']}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add the vision-language commands to the main ``medfoundry`` app."""
-    app.command("zero-shot")(zero_shot_cmd)
-    app.command("retrieval")(retrieval_cmd)
+def register(root: typer.Typer) -> None:
+    root.command("zero-shot")(zero_shot)
+    root.command("retrieval")(retrieval)

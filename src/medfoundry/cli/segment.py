@@ -1,4 +1,5 @@
-"""``medfoundry segment-probe``: a thin typer layer over :func:`medfoundry.segment.run_segment_probe`."""
+"""``medfoundry segment-probe``: a thin typer layer over :func:`medfoundry.segment.run_segment_probe`, which runs
+the recipe as a one-task suite of the evaluation engine (so a rerun into the same folder reuses finished cells)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-console = Console(stderr=True)
-
-
-def _echo(line: str) -> None:
-    console.print(escape(line), highlight=False, soft_wrap=True)
+from medfoundry.cli.common import console, echo
 
 
 def segment_probe(
@@ -39,7 +34,9 @@ def segment_probe(
         list[str] | None, typer.Option("--set", "-s", help="dotted override, e.g. split.test_stop=0.5")
     ] = None,
 ) -> None:
-    """Train a light decoder on a frozen 3D encoder's tokens; Dice per class with CIs on held-out z blocks."""
+    """Train a light decoder on a frozen 3D encoder's tokens; Dice per class with CIs on held-out z blocks.
+
+    A rerun into the same --out reuses every decoder whose inputs are unchanged."""
     from medfoundry.config import load_config
     from medfoundry.segment.config import SegmentProbeConfig
 
@@ -62,9 +59,12 @@ def segment_probe(
     values += [f"{key}=[{', '.join(repr(v) for v in items)}]" for key, items in lists.items() if items is not None]
     cfg = load_config(SegmentProbeConfig, config, values)  # before the slow imports: config typos fail fast
 
-    from medfoundry.evaluate.report import format_summary_text, summarise_table
     from medfoundry.segment.train import run_segment_probe
 
-    output = run_segment_probe(cfg, echo=_echo)
-    console.print(format_summary_text(summarise_table(output.results)), highlight=False, soft_wrap=True)
+    output = run_segment_probe(cfg, echo=echo)  # the engine echoes the summary table
+    console.print(f"{output.suite.cells_computed} cells computed, {output.suite.cells_reused} reused")
     console.print(f"[bold green]Report:[/] {output.report_path}  overlay: {output.overlay_path}", soft_wrap=True)
+
+
+def register(root: typer.Typer) -> None:
+    root.command("segment-probe")(segment_probe)

@@ -10,19 +10,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-wsi_app = typer.Typer(no_args_is_help=True, help="Whole-slide images: tissue tiling and tile embedding.")
-console = Console(stderr=True)
+from medfoundry.cli.common import echo
 
-
-def _echo(line: str) -> None:
-    console.print(escape(line), highlight=False, soft_wrap=True)
+app = typer.Typer(no_args_is_help=True, help="Whole-slide images: tile and embed (pathology).")
 
 
-@wsi_app.command("tile")
-def tile_cmd(
+@app.command("tile")
+def tile(
     slides: Annotated[list[Path], typer.Argument(help="slide files, or folders of slides")],
     out: Annotated[Path, typer.Option("--out", help="output folder (patches/, thumbnails/, tile_summary.json)")],
     mpp: Annotated[float, typer.Option("--mpp", help="micrometres per output pixel (0.5 ~ 20x)")] = 0.5,
@@ -35,16 +30,16 @@ def tile_cmd(
     """Find tissue and write tile coordinates (HDF5, TRIDENT/CLAM layout) and a thumbnail per slide."""
     from medfoundry.wsi.tiling import tile_slides
 
-    summary = tile_slides(slides, out, mpp, tile, min_tissue, mpp_override, echo=_echo)
-    _echo(f"tiled {len(summary.done)} slide(s), skipped {len(summary.skipped)}; summary: {out / 'tile_summary.json'}")
+    summary = tile_slides(slides, out, mpp, tile, min_tissue, mpp_override, echo=echo)
+    echo(f"tiled {len(summary.done)} slide(s), skipped {len(summary.skipped)}; summary: {out / 'tile_summary.json'}")
     for path, reason in summary.skipped:
-        _echo(f"  skipped {path}: {reason}")
+        echo(f"  skipped {path}: {reason}")
     if not summary.ok:
         raise typer.Exit(1)
 
 
-@wsi_app.command("embed")
-def embed_cmd(
+@app.command("embed")
+def embed(
     patches: Annotated[Path, typer.Option("--patches", help="patches folder written by `wsi tile`")],
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint folder, preset or timm name")],
     out: Annotated[Path, typer.Option("--out", help="features folder (<slide>.h5, state/, embed_summary.json)")],
@@ -77,18 +72,18 @@ def embed_cmd(
         img_size=img_size,
         device=device,
         progress=sys.stderr.isatty(),
-        echo=_echo,
+        echo=echo,
         stain_reference=stain_reference,
     )
     for row in summary.failed:
-        _echo(f"  failed {row['slide']}: {row['error']}")
-    _echo(f"summary: {out / 'embed_summary.json'}")
+        echo(f"  failed {row['slide']}: {row['error']}")
+    echo(f"summary: {out / 'embed_summary.json'}")
     if not summary.ok:
         raise typer.Exit(1)
 
 
-@wsi_app.command("stain-fit")
-def stain_fit_cmd(
+@app.command("stain-fit")
+def stain_fit(
     reference: Annotated[Path, typer.Argument(help="a reference H&E tile (PNG, JPEG, TIFF)")],
     out: Annotated[Path, typer.Option("--out", help="JSON with the reference stain matrix")],
 ) -> None:
@@ -105,4 +100,8 @@ def stain_fit_cmd(
     except OSError as error:
         raise DataError(f"cannot read the reference tile ({error})", reference) from None
     MacenkoNormalizer().fit(pixels).save(out)
-    _echo(f"{out}: Macenko reference from {reference.name}")
+    echo(f"{out}: Macenko reference from {reference.name}")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="wsi")

@@ -1,0 +1,248 @@
+"""Classification task kinds (binary, multi-class, ordinal, multi-label): probes on cached embeddings, end-to-end
+fine-tuning and a network trained from scratch, all on the same label subsets, scored with patient-bootstrap CIs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfoundry.adapt.finetune import FineTuner
+from medfoundry.adapt.registry import ADAPTERS, create_adapter
+from medfoundry.adapt.supervised import SupervisedFromScratch
+from medfoundry.bench.grid import Cell, LabelBudgets, grid_cells
+from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
+from medfoundry.bench.tasks import Task, is_feature_set, labels_of, open_splits
+from medfoundry.config import EncoderConfig, EvaluateConfig, SuiteConfig, TaskConfig
+from medfoundry.errors import DataError, MedfoundryError
+from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore
+from medfoundry.evaluate.compare import paired_difference
+from medfoundry.evaluate.metrics import METRICS, MetricValue, compute_metrics
+from medfoundry.evaluate.predictions import Predictions, read_predictions, write_predictions
+from medfoundry.models.backbones import Encoder
+from medfoundry.models.checkpoint import weights_hash
+
+# The first metric is the headline one (ordinal grades are judged by quadratic kappa, as in the DR-grading
+# literature); ECE is last because it says how far to trust the probabilities, not how well they rank.
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("auroc", "balanced_accuracy", "f1", "ece"),
+    "multiclass": ("auroc", "balanced_accuracy", "accuracy", "f1", "ece"),
+    "ordinal": ("kappa", "balanced_accuracy", "auroc", "ece"),
+    # Per-label AUROC averaged over labels: the metrics that pick one class per case do not apply.
+    "multilabel": ("auroc",),
+}
+# Prototypes are class means: a case with several labels belongs to no single class.
+SINGLE_LABEL_ADAPTERS = ("fewshot",)
+
+
+def _deterministic(adapter: str) -> bool:
+    # Declared by each adapter where it registers (adapt/*.py): same cases and features give the same fit.
+    return bool(ADAPTERS.metadata(adapter).get("deterministic", False))
+
+
+def budgets(config: SuiteConfig) -> LabelBudgets:
+    return LabelBudgets(list(config.adapt.label_fractions), list(config.adapt.seeds), config.adapt.min_per_class)
+
+
+@dataclass
+class ClassificationScorer:
+    """Metrics with patient-bootstrap CIs on the test split, and the per-case probabilities as CSV."""
+
+    task: Task
+    metrics: list[str]
+    evaluate: EvaluateConfig
+
+    @property
+    def n_test(self) -> int:
+        return len(self.task.test)
+
+    def score(self, output: CellOutput, seed: int) -> Mapping[str, MetricValue]:
+        return compute_metrics(
+            np.asarray(self.task.test.labels),
+            output.proba,
+            self.task.test.patient_ids,
+            metrics=tuple(self.metrics),
+            n_bootstrap=self.evaluate.n_bootstrap,
+            confidence=self.evaluate.confidence,
+            seed=seed,
+            threshold=output.threshold,
+        )
+
+    def save_predictions(self, path: Path, output: CellOutput) -> None:
+        test = self.task.test
+        write_predictions(
+            path, Predictions(list(test.ids), list(test.patient_ids), np.asarray(test.labels), output.proba)
+        )
+
+
+class ClassificationKind(TaskKind[Task]):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.default_metrics = KIND_METRICS[name]
+
+    def load(self, config: TaskConfig) -> Task:
+        splits, carved = open_splits(config)
+        labels = [labels_of(splits[role], config.name, role) for role in ("train", "val", "test")]
+        multilabel = labels[0].ndim == 2
+        n_classes = labels[0].shape[1] if multilabel else int(max(int(y.max()) for y in labels) + 1)
+        if n_classes < 2 and not multilabel:
+            raise DataError(f"task '{config.name}' has a single class", config.source or config.train.source)
+        kind = config.kind or ("multilabel" if multilabel else "binary" if n_classes == 2 else "multiclass")
+        where = config.source or (config.train.source if config.train else None)
+        if (kind == "multilabel") != multilabel:
+            shape = "(N, K) label columns" if multilabel else "one label per case"
+            raise DataError(f"task '{config.name}' is declared {kind} but its labels have {shape}", where)
+        if kind == "binary" and n_classes != 2:
+            raise DataError(f"task '{config.name}' is declared binary but has {n_classes} classes", where)
+        metrics = list(config.metrics or KIND_METRICS[kind])
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise MedfoundryError(f"task '{config.name}': unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+        train = splits["train"]
+        return Task(
+            config, train, splits["val"], splits["test"], kind, n_classes, metrics, carved, is_feature_set(train)
+        )
+
+    def skipped_adapters(self, adapters: list[str]) -> list[str]:
+        return [a for a in adapters if self.name == "multilabel" and a in SINGLE_LABEL_ADAPTERS]
+
+    def scorer(self, task: Task, evaluate: EvaluateConfig) -> ClassificationScorer:
+        return ClassificationScorer(task, task.metrics, evaluate)
+
+    def encoder_cells(self, ctx: EngineContext, task: Task, spec: EncoderConfig, encoder: Encoder) -> Iterator[Cell]:
+        config = ctx.config
+        y_train, y_val = np.asarray(task.train.labels), np.asarray(task.val.labels)
+        features = ctx.embed(spec.name, encoder, task)
+        adapters = [a for a in config.adapt.adapters if a not in self.skipped_adapters(config.adapt.adapters)]
+        identity = [weights_hash(encoder.backbone), encoder.pool] if not task.precomputed else ["precomputed"]
+
+        def probe(adapter: str, subset: np.ndarray, seed: int) -> CellOutput:
+            model = create_adapter(adapter, config.adapt, seed, task.n_classes)
+            model.fit(features["train"].features[subset], y_train[subset], features["val"].features, y_val)
+            proba = model.predict_proba(features["test"].features)
+            return CellOutput(proba, len(subset), model.trainable_parameters_, getattr(model, "threshold_", None))
+
+        inputs = [*identity, config.adapt.model_dump(mode="json")]
+        yield from grid_cells(
+            spec.name, adapters, budgets(config), y_train, inputs, probe, deterministic=_deterministic
+        )
+        if not (config.finetune.modes and spec.finetune) or task.precomputed:
+            return
+        tune = config.finetune
+
+        def finetune(adapter: str, subset: np.ndarray, seed: int) -> CellOutput:
+            mode = adapter.removeprefix("finetune-")
+            tuner = FineTuner(encoder, task.n_classes, mode=mode, seed=seed, **tune.model_dump(exclude={"modes"}))
+            tuner.fit(task.train.subset(subset), task.val)
+            proba = tuner.predict_proba(task.test)
+            return CellOutput(proba, len(subset), tuner.trainable_parameters_, tuner.threshold_)
+
+        modes = [f"finetune-{mode}" for mode in tune.modes]
+        inputs = [*identity, tune.model_dump(mode="json")]
+        yield from grid_cells(
+            spec.name, modes, budgets(config), y_train, inputs, finetune, config.finetune_label_fractions
+        )
+
+    def baseline_cells(self, ctx: EngineContext, task: Task) -> Iterator[Cell]:
+        baseline = ctx.config.supervised_baseline
+        if baseline is None or not baseline.enabled or task.precomputed:
+            return
+
+        def from_scratch(adapter: str, subset: np.ndarray, seed: int) -> CellOutput:
+            model = SupervisedFromScratch(baseline, task.train.num_channels, task.n_classes, seed)
+            model.fit(task.train.subset(subset), task.val)
+            proba = model.predict_proba(task.test)
+            return CellOutput(proba, len(subset), model.trainable_parameters_, model.threshold_)
+
+        inputs = [baseline.model_dump(mode="json")]
+        model = scratch_model_name(ctx.config)
+        yield from grid_cells(
+            model, ["supervised"], budgets(ctx.config), np.asarray(task.train.labels), inputs, from_scratch
+        )
+
+    def comparisons(self, ctx: EngineContext, task: Task, records: list[Any]) -> list[dict[str, Any]]:
+        return paired_comparisons(ctx.config, task, records)
+
+
+def scratch_model_name(config: SuiteConfig) -> str | None:
+    baseline = config.supervised_baseline
+    return f"{baseline.backbone}-scratch" if baseline is not None and baseline.enabled else None
+
+
+def comparison_pairs(config: SuiteConfig, models: list[str], adapters: list[str]) -> list[tuple[str, str, str, str]]:
+    """(model A, adapter A, model B, adapter B): each encoder against the baseline encoder with the same adapter,
+    each adapter against the reference adapter on the same encoder, and each against the from-scratch network."""
+    pairs: list[tuple[str, str, str, str]] = []
+    baseline, reference = config.comparisons.baseline_encoder, config.comparisons.reference_adapter
+    scratch = scratch_model_name(config)
+    encoders = [m for m in models if m != scratch]
+    probes = [a for a in adapters if a != "supervised"]
+    if baseline in encoders:
+        pairs += [(m, a, baseline, a) for m in encoders if m != baseline for a in probes]
+    if reference in probes:
+        pairs += [(m, a, m, reference) for m in encoders for a in probes if a != reference]
+    if config.comparisons.scratch_baseline and scratch in models:
+        pairs += [(m, a, scratch, "supervised") for m in encoders for a in probes]
+    return pairs
+
+
+def _runs(store: CellStore, model: str, adapter: str, fraction: float, seeds: list[int]) -> list[np.ndarray] | None:
+    """The test predictions of every seed the cell ran at (one where seeds could not differ); None if it never ran."""
+    paths = [store.predictions_path(CellKey(model, adapter, fraction, seed)) for seed in seeds]
+    runs = [read_predictions(path).proba for path in paths if path.is_file()]
+    return runs or None
+
+
+def paired_comparisons(config: SuiteConfig, task: Task, records: list[Any]) -> list[dict[str, Any]]:
+    """Paired bootstrap differences on the task's headline metric, averaged over seeds, per label fraction."""
+    store = CellStore(config.output_dir / "tasks" / task.name)
+    metric = task.metrics[0]
+    seeds = list(config.adapt.seeds)
+    models = list(dict.fromkeys(r.model for r in records))
+    adapters = list(dict.fromkeys(r.adapter for r in records))
+    fractions = sorted({r.label_fraction for r in records})
+    y = np.asarray(task.test.labels)
+    comparisons = []
+    for model_a, adapter_a, model_b, adapter_b in comparison_pairs(config, models, adapters):
+        for fraction in fractions:
+            runs_a = _runs(store, model_a, adapter_a, fraction, seeds)
+            runs_b = _runs(store, model_b, adapter_b, fraction, seeds)
+            if runs_a is None or runs_b is None:
+                continue
+            diff = paired_difference(
+                y,
+                runs_a,
+                runs_b,
+                task.test.patient_ids,
+                metric,
+                config.comparisons.n_bootstrap,
+                config.evaluate.confidence,
+                seed=0,
+            )
+            comparisons.append(
+                {
+                    "task": task.name,
+                    "metric": metric,
+                    "label_fraction": fraction,
+                    "model_a": model_a,
+                    "adapter_a": adapter_a,
+                    "model_b": model_b,
+                    "adapter_b": adapter_b,
+                    "value_a": diff.value_a,
+                    "value_b": diff.value_b,
+                    "difference": diff.value,
+                    "ci_low": diff.ci_low,
+                    "ci_high": diff.ci_high,
+                    "share_opposite": diff.share_opposite,
+                    "n_seeds": max(len(runs_a), len(runs_b)),
+                    "confidence": config.evaluate.confidence,
+                }
+            )
+    return comparisons
+
+
+for _name in KIND_METRICS:
+    TASK_KINDS.add(_name, ClassificationKind(_name))
