@@ -197,5 +197,5 @@ def test_run_experiment_with_finetuning_cells(breastmnist_npz: Path, tmp_path: P
     records = read_results(out.results_path).records
     assert {r.adapter for r in records} == {"knn", "finetune-full", "finetune-lora"}
     tuned = [r for r in records if r.adapter.startswith("finetune")]
-    assert len(tuned) == 2 * 3 and all(r.n_train == 64 and r.n_test == 156 for r in tuned)
-    assert (tmp_path / "run" / "predictions" / "dino__finetune-lora__1__0.csv").is_file()
+    assert len(tuned) == 2 * 4 and all(r.n_train == 64 and r.n_test == 156 for r in tuned)
+    assert (tmp_path / "run" / "tasks" / "breastmnist" / "predictions" / "dino__finetune-lora__1__0.csv").is_file()

@@ -173,7 +173,10 @@ def test_supervised_from_scratch_keeps_best_val_state(splits: Splits) -> None:
     assert model.steps_ == 30
     assert model.best_step_ in (10, 20, 30) and model.best_step_ <= model.steps_
     assert model.trainable_parameters_ > 11_000_000
-    scores = [auroc(val.labels, p) for p in model.evaluations_]
+    # Three evaluations during training (steps 10, 20, 30), then one of the kept network that picks the threshold.
+    assert len(model.evaluations_) == 4
+    np.testing.assert_allclose(model.evaluations_[3], model.predict_proba(val), rtol=0, atol=1e-6)
+    scores = [auroc(val.labels, p) for p in model.evaluations_[:3]]
     assert len(scores) == 3
     best = int(np.argmax(scores))  # first maximum, as the trainer only keeps strict improvements
     assert model.best_step_ == 10 * (best + 1)

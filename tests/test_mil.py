@@ -256,6 +256,32 @@ def test_load_bags_rejects_nan_features_and_missing_labels(tmp_path: Path) -> No
         load_bags(tmp_path, _write_csv(tmp_path / "b.csv", [("ok", "p1", "0"), ("bad", "p2", "")]))
 
 
+def test_slide_ids_that_name_paths_are_refused(tmp_path: Path) -> None:
+    """Slide ids become file names (features/<id>.h5, heatmaps/<id>.png): a path in one must not escape."""
+    _write_bag(tmp_path, "ok", np.ones((4, 3)))
+    for bad in ("../../etc/passwd", "sub/slide", "..", ".hidden"):
+        with pytest.raises(DataError, match="not a plain file name"):
+            load_bags(tmp_path, _write_csv(tmp_path / "c.csv", [("ok", "p1", "0"), (bad, "p2", "1")]))
+
+
+def test_heatmaps_open_only_slides_a_features_file_names(tmp_path: Path, caplog) -> None:
+    """A features file made elsewhere may carry any slide_path: a device or a text file is never opened."""
+    from medfoundry.mil.heatmap import write_attention_heatmaps
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a slide")
+    bags = [
+        dataclasses.make_dataclass("B", ["slide_id", "attrs", "coords"])(
+            f"s{i}", {"slide_path": path, "patch_size_level0": 224}, np.zeros((1, 2))
+        )
+        for i, path in enumerate(("/dev/zero", str(text)))
+    ]
+    with caplog.at_level(logging.WARNING, logger="medfoundry.mil"):
+        written = write_attention_heatmaps(bags, [np.ones(1), np.ones(1)], tmp_path / "heat")
+    assert written == []
+    assert sum("not a slide file or folder" in r.getMessage() for r in caplog.records) == 2
+
+
 # --- cross-validation and report --------------------------------------------------------------------
 
 

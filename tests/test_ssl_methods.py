@@ -192,7 +192,7 @@ def test_pretrained_features_beat_random_weights_in_knn(breastmnist_npz: Path, t
     config = load_config(
         ExperimentConfig,
         REPO_ROOT / "configs/pretrain/simclr.yaml",
-        ["pretrain.epochs=4", "pretrain.warmup_epochs=1", "pretrain.tensorboard=false"],
+        ["pretrain.epochs=4", "pretrain.warmup_fraction=0.25", "pretrain.tensorboard=false"],
     )
 
     def knn_accuracy(encoder) -> float:

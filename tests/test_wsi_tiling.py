@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,3 +165,81 @@ def test_folder_arguments_expand_to_slides(slide: Path, tmp_path: Path) -> None:
     # The folder holds the SVS (done) and the DICOM (skipped with its reason); README.md and MD5SUMS are ignored.
     assert [r.slide.name for r in summary.done] == [slide.name]
     assert [p.name for p, _ in summary.skipped] == ["small_dicom.dcm"]
+
+
+def _whole_level_thumbnail(handle: Any, size: int) -> np.ndarray:  # noqa: ANN401 - an OpenSlide handle
+    """The thumbnail as it was read before strips: the whole best level at once, then the same reduce and resize."""
+    width, height = handle.dimensions
+    target = (round(width * size / max(width, height)), round(height * size / max(width, height)))
+    level = handle.get_best_level_for_downsample(max(width, height) / size)
+    image = handle.read_region((0, 0), level, handle.level_dimensions[level]).convert("RGB")
+    factor = min(image.width // target[0], image.height // target[1])
+    image = image.reduce(factor) if factor > 1 else image
+    return np.asarray(image.resize(target, Image.Resampling.BILINEAR) if image.size != target else image)
+
+
+def test_thumbnail_is_read_in_bounded_strips_and_equals_a_whole_level_read(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    # 6000 x 4000 single-level slide: pink "tissue" disc with stripes on white glass, so the reduce has structure.
+    yy, xx = np.mgrid[0:4000, 0:6000]
+    tissue = (xx - 2500) ** 2 + (yy - 1800) ** 2 < 1500**2
+    pixels = np.full((4000, 6000, 3), 240, dtype=np.uint8)
+    pixels[tissue] = (200, 90, 160)
+    pixels[tissue & (xx % 7 < 3)] = (120, 40, 110)
+    path = tmp_path / "synthetic.tif"
+    tifffile.imwrite(path, pixels, tile=(256, 256), compression="zlib", photometric="rgb")
+    del pixels, yy, xx, tissue
+
+    handle = open_slide(path)
+    try:
+        assert handle.level_count == 1
+        requested: list[tuple[int, int]] = []
+        real_read_region = handle.read_region
+
+        def recording_read_region(location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+            requested.append(tuple(size))
+            return real_read_region(location, level, size)
+
+        handle.read_region = recording_read_region  # wraps the real handle: reads still go through OpenSlide
+        strip_pixels = 6000 * 5 * 20  # 100 rows (a multiple of the box size 5 for a 1024 px thumbnail)
+        thumbnail = read_thumbnail(handle, 1024, path, strip_pixels=strip_pixels)
+        assert len(requested) == 40 and all(w == 6000 and h <= strip_pixels // 6000 for w, h in requested)
+        assert sum(h for _, h in requested) == 4000  # every row read exactly once
+        # Strips are whole multiples of the box, so the result is bit-identical (tolerance 0) to the whole read.
+        handle.read_region = real_read_region
+        reference = _whole_level_thumbnail(handle, 1024)
+    finally:
+        handle.close()
+    assert thumbnail.shape == (683, 1024, 3)
+    np.testing.assert_array_equal(thumbnail, reference)
+
+
+def test_level_with_a_fractional_downsample_is_not_read_in_shifted_strips(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    # Level 1 at 1/4.0012: OpenSlide would interpolate strips that start between its pixels (up to 19 grey levels
+    # off, and a different mask, on a 10001 px slide), so this small level is read whole, exactly as before.
+    rng = np.random.default_rng(0)
+    level0 = rng.integers(0, 256, (3003, 4001, 3), dtype=np.uint8)
+    path = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(level0, tile=(256, 256), compression="zlib", photometric="rgb")
+        level1 = np.asarray(Image.fromarray(level0).resize((1000, 750), Image.Resampling.BOX))
+        tif.write(level1, tile=(256, 256), compression="zlib", photometric="rgb", subfiletype=1)
+    handle = open_slide(path)
+    try:
+        assert handle.level_count == 2 and handle.level_downsamples[1] % 1 > 1e-3
+        requested: list[tuple[int, int]] = []
+        real_read_region = handle.read_region
+
+        def recording_read_region(location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+            requested.append(tuple(size))
+            return real_read_region(location, level, size)
+
+        handle.read_region = recording_read_region
+        thumbnail = read_thumbnail(handle, 512, path, strip_pixels=100 * 1000)
+        handle.read_region = real_read_region
+        reference = _whole_level_thumbnail(handle, 512)
+    finally:
+        handle.close()
+    assert requested == [(1000, 750)]
+    np.testing.assert_array_equal(thumbnail, reference)

@@ -110,6 +110,11 @@ class TaskSource(StrictModel):
         description="zero-shot: CLIP checkpoint folder, classes and prompt templates "
         "(medfoundry.vlm.zeroshot.ZeroShotConfig)",
     )
+    survival: dict[str, Any] | None = Field(
+        None,
+        description="survival: time, event, patient and feature columns, baseline, horizons "
+        "(medfoundry.bench.survival.SurvivalConfig); source is the CSV",
+    )
 
     @model_validator(mode="after")
     def _one_way_in(self) -> TaskSource:
@@ -131,12 +136,14 @@ class TaskSource(StrictModel):
     def _kind_sections(self) -> None:
         # Here: medfoundry.mil and medfoundry.vlm declare these settings beside themselves and import this module's
         # peers. Each section belongs to one kind, and those kinds need theirs.
+        from medfoundry.bench.survival import SurvivalConfig
         from medfoundry.mil.train import MILTaskConfig
         from medfoundry.vlm.zeroshot import ZeroShotConfig
 
         sections: tuple[tuple[str, str, type[BaseModel]], ...] = (
             ("mil", "slide-mil", MILTaskConfig),
             ("zero_shot", "zero-shot", ZeroShotConfig),
+            ("survival", "survival", SurvivalConfig),
         )
         for field_name, kind, model in sections:
             section = getattr(self, field_name)
@@ -145,6 +152,8 @@ class TaskSource(StrictModel):
             if self.kind == kind:
                 if section is None and kind == "zero-shot":
                     raise ValueError("a zero-shot task needs a zero_shot section (checkpoint, classes)")
+                if section is None and kind == "survival":
+                    raise ValueError("a survival task needs a survival section (time, event and patient columns)")
                 try:
                     model.model_validate(section or {})
                 except ValidationError as error:

@@ -98,6 +98,7 @@ TASK_KINDS: Registry[TaskKind[Any]] = Registry(
         "medfoundry.bench.segmentation",
         "medfoundry.bench.mil",
         "medfoundry.bench.zeroshot",
+        "medfoundry.bench.survival",
     ),
 )
 

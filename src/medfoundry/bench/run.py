@@ -193,16 +193,16 @@ def pretrain_summary(config: ExperimentConfig, result: PretrainResult) -> dict[s
 def suite_for_run(config: ExperimentConfig, encoder_dir: Path) -> SuiteConfig:
     """The one-task suite a run evaluates: its pre-trained encoder, its random initialisation and the baselines."""
     encoders = [EncoderConfig(name=config.pretrain.method, checkpoint=encoder_dir, pool=config.model.pool)]
-    baseline = None
+    baseline_encoder = None
     if config.pretrain.init_from is not None:
         # Continued pre-training starts from trained weights: those, not random ones, are what it must improve on.
-        baseline = STARTING_POINT
-        start = EncoderConfig(name=baseline, checkpoint=Path(config.pretrain.init_from), finetune=False)
+        baseline_encoder = STARTING_POINT
+        start = EncoderConfig(name=STARTING_POINT, checkpoint=Path(config.pretrain.init_from), finetune=False)
         encoders.append(start.model_copy(update={"pool": config.model.pool}))
     elif config.random_init_baseline:
-        baseline = RANDOM_INIT
+        baseline_encoder = RANDOM_INIT
         encoders.append(EncoderConfig(name=RANDOM_INIT, model=config.model, seed=config.seed, finetune=False))
-    baseline = config.supervised_baseline if config.supervised_baseline.enabled else None
+    scratch = config.supervised_baseline if config.supervised_baseline.enabled else None
     return SuiteConfig(
         name=config.name,
         output_dir=config.output_dir,
@@ -211,9 +211,9 @@ def suite_for_run(config: ExperimentConfig, encoder_dir: Path) -> SuiteConfig:
         embed=config.embed,
         adapt=config.adapt,
         finetune=config.finetune,
-        supervised_baseline=baseline,
+        supervised_baseline=scratch,
         evaluate=config.evaluate,
-        comparisons=ComparisonConfig(baseline_encoder=baseline),
+        comparisons=ComparisonConfig(baseline_encoder=baseline_encoder),
     )
 
 

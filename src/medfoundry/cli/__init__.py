@@ -64,11 +64,13 @@ def _main(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not debug:
         warnings.showwarning = _one_line_warning
+    # Our own progress at INFO; libraries (numexpr, h5py, ...) only when they warn, unless --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+    logging.getLogger("medfoundry").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _one_line_warning(

@@ -81,6 +81,16 @@ class LabelRow:
     split: str | None = None
 
 
+def is_plain_slide_id(slide_id: str) -> bool:
+    """Whether ``slide_id`` can stand as a file name inside a folder and name nothing outside it."""
+    return (
+        bool(slide_id)
+        and not slide_id.startswith(".")
+        and not any(c in slide_id for c in "/\\\0")
+        and Path(slide_id).name == slide_id
+    )
+
+
 def read_label_rows(labels_csv: str | Path) -> list[LabelRow]:
     """Rows of the labels CSV; a missing column, empty field or repeated slide is a ``DataError``."""
     path = Path(labels_csv)
@@ -102,6 +112,13 @@ def read_label_rows(labels_csv: str | Path) -> list[LabelRow]:
         empty = [c for c, v in values.items() if not v or v.lower() == "nan"]
         if empty:
             raise DataError(f"line {line}: empty {', '.join(empty)} for slide {values['slide_id']!r}", path)
+        if not is_plain_slide_id(values["slide_id"]):
+            # Slide ids become file names (features/<id>.h5, heatmaps/<id>.png): a path in one would read or write
+            # outside the folders the user named.
+            raise DataError(
+                f"line {line}: slide id {values['slide_id']!r} is not a plain file name (no /, \\, .. or leading dot)",
+                path,
+            )
         if values["slide_id"] in seen:
             raise DataError(f"line {line}: slide {values['slide_id']!r} is listed twice", path)
         seen.add(values["slide_id"])

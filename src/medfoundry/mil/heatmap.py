@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from medfoundry.data.wsi import SLIDE_SUFFIXES
 from medfoundry.errors import DataError
 from medfoundry.io_utils import atomic_path
 
@@ -111,6 +112,26 @@ def save_heatmap(image: Image.Image, path: str | Path) -> Path:
     return path
 
 
+# What a slide_path attribute may name: the formats open_slide reads (a DICOM WSI is a folder).
+_SLIDE_FILE_SUFFIXES = (*SLIDE_SUFFIXES, ".tif", ".tiff")
+
+
+def _slide_location(value: object) -> Path | None:
+    """The slide a features file's ``slide_path`` attribute names, or None when it names anything else.
+
+    The attribute comes from a file that may have been made elsewhere: only an existing slide file (by suffix) or a
+    folder is opened, never a device, a pipe or an arbitrary file.
+    """
+    if not isinstance(value, str) or not value or "\0" in value:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        return path
+    if path.is_file() and path.name.lower().endswith(_SLIDE_FILE_SUFFIXES):
+        return path
+    return None
+
+
 def write_attention_heatmaps(bags: Sequence[Any], attention: Sequence[np.ndarray | None], out_dir: Path) -> list[Path]:
     """One PNG per bag whose slide can be opened: attention over the slide's thumbnail.
 
@@ -126,8 +147,12 @@ def write_attention_heatmaps(bags: Sequence[Any], attention: Sequence[np.ndarray
         if scores is None or slide_path is None or size0 is None:
             log.warning("%s: no heatmap (needs attention scores, slide_path and patch_size_level0)", bag.slide_id)
             continue
+        where = _slide_location(slide_path)
+        if where is None:
+            log.warning("%s: no heatmap (slide_path attribute is not a slide file or folder)", bag.slide_id)
+            continue
         try:
-            slide = open_slide(Path(slide_path))
+            slide = open_slide(where)
         except DataError as error:
             log.warning("%s: no heatmap (%s)", bag.slide_id, error)
             continue

@@ -19,12 +19,20 @@ from medfoundry.report.sections.plots import adaptation_ladder, label_efficiency
 from medfoundry.report.sections.results_table import results_table
 from medfoundry.report.sections.run_time import run_time
 from medfoundry.report.sections.summary import summary
+from medfoundry.report.sections.survival import survival_curves
 from medfoundry.report.sections.verdict import verdict
 from medfoundry.report.summary import load
 from medfoundry.report.templating import render
 
 # What each task shows, top to bottom.
-TASK_SECTIONS: list[TaskSection] = [verdict, summary, label_efficiency, adaptation_ladder, results_table]
+TASK_SECTIONS: list[TaskSection] = [
+    verdict,
+    summary,
+    label_efficiency,
+    adaptation_ladder,
+    survival_curves,
+    results_table,
+]
 
 
 def tasks(ctx: ReportContext) -> Markup:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -421,9 +422,14 @@ def embed_slides(
 def _one_line(error: Exception, job: SlideJob) -> str:
     """A one-line message; errors re-raised from DataLoader workers carry the worker's traceback, dropped here."""
     text = str(error) if isinstance(error, MedfoundryError) else f"{job.slide or job.patches}: {error}"
+    if "Original Traceback" in text:
+        # The worker's traceback ends with "module.DataError: <path>: <message>" (MedfoundryError folds it onto one
+        # line): keep what follows the last exception name.
+        names = list(re.finditer(r"\b[\w.]*(?:Error|Exception): ", text))
+        if names:
+            return text[names[-1].end() :].strip()
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if len(lines) > 1:
-        # The worker's last line is "module.DataError: <path>: <message>".
         last = lines[-1]
         return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
     return text

@@ -15,6 +15,7 @@ levels is read from the nearest level at least as fine as the target, then resiz
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,12 @@ _MASK_PIXELS_PER_TILE = 8
 _MIN_THUMBNAIL, _MAX_THUMBNAIL = 1024, 8192
 # Gaps narrower than 1/8 of a tile inside tissue are closed before tissue fractions are measured.
 _CLOSING_PER_TILE = 8
+# Level pixels per thumbnail strip: 64 MiB as RGBA, whatever the slide's height.
+_STRIP_PIXELS = 16 * 1024 * 1024
+# Strip offsets within 1/1000 pixel of the level's grid change no 8-bit value; a level needing more is read whole
+# up to 64 Mpx (0.5 GB peak), beyond that in strips anyway: a sub-pixel shift beats running out of memory.
+_MAX_STRIP_SHIFT = 1e-3
+_WHOLE_LEVEL_PIXELS = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -186,33 +193,64 @@ def thumbnail_size(dimensions: tuple[int, int], patch_size_level0: int) -> int:
     return int(min(max(wanted, _MIN_THUMBNAIL), _MAX_THUMBNAIL, longest))
 
 
-def read_thumbnail(slide, size: int, source: Path | None) -> np.ndarray:  # noqa: ANN001
+def read_thumbnail(slide, size: int, source: Path | None, *, strip_pixels: int = _STRIP_PIXELS) -> np.ndarray:  # noqa: ANN001
     """RGB thumbnail whose longest side is ``size``, from the coarsest level fine enough; damaged levels become
     ``DataError``.
 
-    Like OpenSlide's ``get_thumbnail`` (the whole best level is read; transparent pixels become white glass), but
-    shrunk by an integer box filter (``Image.reduce``: each thumbnail pixel is the mean colour of its area, what a
-    tissue fraction needs) and a final bilinear resize, instead of Lanczos over the whole level: 0.18 s instead of
-    0.25 s on the single-level CMU-1 sample, where this read is most of the tiling time.
+    Like OpenSlide's ``get_thumbnail`` (transparent pixels become white glass), but shrunk by an integer box
+    filter (``Image.reduce``: each thumbnail pixel is the mean colour of its area, what a tissue fraction needs)
+    and a final bilinear resize, instead of Lanczos over the whole level. The level is read in horizontal strips
+    of at most ``strip_pixels`` pixels (and at least one box row), each reduced before the next is read, so peak
+    memory grows with the level's width, not its area: a whole 20k x 20k single-level read took 3.2 GB.
     """
     try:
         width, height = (int(v) for v in slide.dimensions)
         target = (max(1, round(width * size / max(width, height))), max(1, round(height * size / max(width, height))))
         level = slide.get_best_level_for_downsample(max(width, height) / size)
-        region = slide.read_region((0, 0), level, slide.level_dimensions[level])
+        level_width, level_height = (int(v) for v in slide.level_dimensions[level])
+        downsample = float(slide.level_downsamples[level])
+        factor = max(1, min(level_width // target[0], level_height // target[1]))
+        # A multiple of the box size, so no box straddles two strips and the result equals a whole-level reduce.
+        rows = max(1, strip_pixels // max(level_width * factor, 1)) * factor
+        # OpenSlide maps a level-0 y to y / downsample and interpolates a fractional result, so with a non-integer
+        # downsample (SVS: 4.0003) strips would be shifted by a fraction of a pixel. Such a level is read whole, as
+        # before, unless that would be large; coarse pyramid levels are small, single-level slides have ds 1.
+        shift = max((math.ceil(top * downsample) / downsample - top for top in range(0, level_height, rows)), default=0)
+        if shift > _MAX_STRIP_SHIFT and level_width * level_height <= _WHOLE_LEVEL_PIXELS:
+            rows = level_height
+        strips = [
+            _reduced_strip(slide, level, downsample, top, level_width, min(rows, level_height - top), factor)
+            for top in range(0, level_height, rows)
+        ]
     except Exception as error:  # noqa: BLE001 - OpenSlide raises several types for damaged levels
         raise DataError(f"cannot read a low-resolution level for the tissue mask ({error})", source) from None
-    if region.mode == "RGBA" and region.getextrema()[3][0] < 255:
-        image = Image.new("RGB", region.size, (255, 255, 255))
-        image.paste(region, None, region)
-    else:
-        image = region.convert("RGB")
-    factor = min(image.width // target[0], image.height // target[1])
-    if factor > 1:
-        image = image.reduce(factor)
+    image = Image.fromarray(np.concatenate(strips, axis=0), "RGB")
     if image.size != target:
         image = image.resize(target, Image.Resampling.BILINEAR)
     return np.asarray(image)
+
+
+def _reduced_strip(
+    slide,  # noqa: ANN001
+    level: int,
+    downsample: float,
+    top: int,
+    width: int,
+    rows: int,
+    factor: int,
+) -> np.ndarray:
+    """Rows ``top`` .. ``top + rows`` of ``level`` as RGB (glass white), box-reduced by ``factor``."""
+    # Level-0 y rounded up: DICOM slides floor location / downsample, which must give back ``top`` exactly.
+    region = slide.read_region((0, math.ceil(top * downsample)), level, (width, rows))
+    if region.mode == "RGBA" and region.getextrema()[3][0] < 255:
+        strip = Image.new("RGB", region.size, (255, 255, 255))
+        strip.paste(region, None, region)
+    else:
+        strip = region.convert("RGB")
+    del region  # the RGBA strip is the largest buffer alive; let it go before reducing
+    if factor > 1:
+        strip = strip.reduce(factor)
+    return np.asarray(strip)
 
 
 def hsv_saturation(rgb: np.ndarray) -> np.ndarray:

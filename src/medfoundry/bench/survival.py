@@ -1,0 +1,611 @@
+"""The survival task kind: Cox models on patient-level features, scored by C-index and time-dependent AUC with
+patient-bootstrap CIs, compared with a clinical baseline (stage alone) on the same patients.
+
+How time-to-event maps onto the engine's cells:
+
+* a task is a CSV (``source``) with one row per patient: a patient id, a time, an event (1 = event, 0 = censored)
+  and feature columns (named in ``survival.feature_columns``, or every numeric column but the others), or an
+  embeddings ``.h5`` (``survival.embeddings``, from ``medfoundry embed``) whose rows are averaged per patient and
+  joined to the CSV by patient id. The task is *precomputed*: no encoder runs, and its cells are named after the
+  features file, which stands for the model that made the features;
+* **splits**: a ``split_column`` fixes train / test (``val`` rows join train: the penalty is chosen by
+  cross-validation inside the training subset, so no separate validation split is needed); without it the test
+  split is carved by patient, stratified on the event, and no patient is in two splits;
+* one adapter, ``coxph``: a Cox proportional-hazards model with an elastic-net penalty on standardised features
+  (coxnet), its penalty chosen by event-stratified cross-validation on Harrell's C inside the cell's training
+  subset. ``grid_cells`` crosses it with the suite's label fractions (a fraction draws an event-stratified subset
+  of the training patients, nested per seed) and seeds (which also draw the cross-validation folds);
+* the baseline (``baseline_features``, e.g. clinical stage) is the same adapter on those columns only, on the
+  same subsets, recorded as the model ``baseline_name`` ("stage-only"); patients missing any used column are left
+  out of both, so the two are scored on exactly the same test patients;
+* the scorer reports Harrell's C (headline), Uno's C and the cumulative/dynamic AUC at each of ``horizons``, all
+  with patient-bootstrap CIs; predictions are saved as id, patient_id, time, event, risk;
+* comparisons: the features model against the baseline on Harrell's C, a paired patient bootstrap averaged over
+  seeds, per label fraction; and Kaplan-Meier curves of the test patients split at the median predicted risk,
+  with a log-rank test, kept in the task's metadata so the report draws them from results.json alone.
+
+The statistics come from scikit-survival: its concordance indices, IPCW weighting and coxnet path are maintained,
+tested against the reference R implementations, and follow scikit-learn's estimator API like our adapters, which
+lifelines (its own fitter API, no Uno's C over a coxnet path) and torchsurv (deep models only) do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import Field
+
+from medfoundry.bench.grid import Cell, LabelBudgets, grid_cells
+from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
+from medfoundry.errors import DataError, MedfoundryError
+from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore
+from medfoundry.evaluate.metrics import MetricValue, resample_weights
+from medfoundry.io_utils import write_text_atomic
+from medfoundry.settings import StrictModel
+
+if TYPE_CHECKING:
+    # Annotations only: config.py imports this module to validate a task's survival section.
+    from medfoundry.config import EncoderConfig, EvaluateConfig, SuiteConfig, TaskConfig
+
+KIND = "survival"
+ADAPTER = "coxph"
+HEADLINE = "c_index"
+ROLES = ("train", "test")
+
+
+class SurvivalConfig(StrictModel):
+    """A survival task's ``survival:`` section: which columns hold what, the baseline, the horizons, the Cox fit."""
+
+    time_column: str = Field(description="time to event or censoring (non-negative, any unit)")
+    event_column: str = Field(description="1 = event observed, 0 = censored")
+    patient_column: str = Field(description="patient id; one row per patient")
+    feature_columns: list[str] | None = Field(
+        None, description="feature columns; default every numeric column but time, event, split and baseline"
+    )
+    embeddings: str | None = Field(
+        None, description="an embeddings .h5 (medfoundry embed) used as features, averaged per patient"
+    )
+    split_column: str | None = Field(None, description="train / val / test per row; else test carved by patient")
+    features_name: str | None = Field(None, description="model name of the feature cells; default the file's stem")
+    baseline_features: list[str] = Field(default_factory=list, description="columns of a clinical baseline model")
+    baseline_name: str = "stage-only"
+    horizons: dict[str, float] = Field(
+        default_factory=dict, description="time-dependent AUC at these times (name: time in the time column's unit)"
+    )
+    tau: float | None = Field(None, gt=0, description="Uno's C truncation time; default the largest horizon")
+    l1_ratio: float = Field(0.5, gt=0, le=1)
+    n_alphas: int = Field(30, ge=2)
+    cv_folds: int = Field(5, ge=2)
+
+
+def _metric_names(settings: SurvivalConfig) -> list[str]:
+    return [HEADLINE, "uno_c", *(f"auc_{name}" for name in settings.horizons)]
+
+
+@dataclass
+class SurvivalData:
+    """Complete cases of one survival table, aligned row by row."""
+
+    patients: list[str]
+    time: np.ndarray
+    event: np.ndarray  # bool
+    features: np.ndarray
+    feature_names: list[str]
+    baseline: np.ndarray | None
+    split: list[str | None]
+    dropped: int
+
+
+@dataclass
+class SurvivalCases:
+    """The test patients a cell is scored on."""
+
+    ids: list[str]
+    patient_ids: list[str]
+    time: np.ndarray
+    event: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class SurvivalTask:
+    config: TaskConfig
+    settings: SurvivalConfig
+    data: SurvivalData
+    splits: dict[str, np.ndarray]
+    metrics: list[str]
+    carved: list[str] = field(default_factory=list)
+    kind: str = KIND
+    precomputed: bool = True
+    # Kaplan-Meier curves of the predicted risk groups, per model, filled in after the cells ran (comparisons).
+    risk_groups: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.features_name or Path(self.settings.embeddings or str(self.config.source)).stem
+
+    def cases(self, role: str) -> SurvivalCases:
+        index = self.splits.get(role, np.zeros(0, dtype=np.int64))
+        ids = [self.data.patients[i] for i in index]
+        return SurvivalCases(ids, ids, self.data.time[index], self.data.event[index])
+
+    @cached_property
+    def train(self) -> SurvivalCases:
+        return self.cases("train")
+
+    @cached_property
+    def val(self) -> SurvivalCases:
+        """Empty: the penalty is chosen by cross-validation inside train (kept so every task has train/val/test)."""
+        return self.cases("val")
+
+    @cached_property
+    def test(self) -> SurvivalCases:
+        return self.cases("test")
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256(repr((self.data.feature_names, self.settings.model_dump(mode="json"))).encode())
+        for role, index in self.splits.items():
+            digest.update(f"{role}:{[self.data.patients[i] for i in index]}".encode())
+        for array in (self.data.time, self.data.event, self.data.features, self.data.baseline):
+            if array is not None:
+                digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        return digest.hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Changes whenever a patient's features, time, event or split changes."""
+        return self._fingerprint
+
+    def grouping(self) -> str:
+        counts = "/".join(str(len(self.splits[r])) for r in ROLES)
+        carved = "; test carved by patient, stratified on the event" if self.carved else ""
+        return f"one row per patient ({counts} patients in train/test, none in both){carved}"
+
+    def metadata(self) -> dict[str, Any]:
+        events = {role: int(self.data.event[index].sum()) for role, index in self.splits.items()}
+        return {
+            "kind": self.kind,
+            "splits": {role: len(index) for role, index in self.splits.items()},
+            "events": events,
+            "carved_from_train": self.carved,
+            "grouping": self.grouping(),
+            "precomputed_features": True,
+            "features": self.data.feature_names,
+            "baseline_features": list(self.settings.baseline_features),
+            "dropped_incomplete": self.data.dropped,
+            "horizons": dict(self.settings.horizons),
+            "survival": {"risk_groups": self.risk_groups},
+        }
+
+    def describe(self) -> str:
+        dropped = f", {self.data.dropped} patient(s) with missing values left out" if self.data.dropped else ""
+        events = "/".join(str(int(self.data.event[self.splits[r]].sum())) for r in ROLES)
+        baseline = f"; baseline {self.settings.baseline_name}" if self.settings.baseline_features else ""
+        return (
+            f"{self.name}: survival, {len(self.data.features[0])} features, train/test "
+            f"{'/'.join(str(len(self.splits[r])) for r in ROLES)} patients ({events} events){dropped}{baseline}; "
+            f"headline metric {self.metrics[0]}"
+        )
+
+
+def _read_csv(path: Path) -> Any:
+    import pandas as pd  # scikit-survival's own dependency
+
+    if not path.is_file():
+        raise DataError("survival table not found", path)
+    try:
+        return pd.read_csv(path)
+    except (ValueError, OSError) as error:
+        raise DataError(f"cannot read the survival table as CSV ({error})", path) from None
+
+
+def _numeric(table: Any, column: str, path: Path) -> np.ndarray:
+    import pandas as pd
+
+    values = pd.to_numeric(table[column], errors="coerce")
+    bad = table[column][values.isna() & table[column].notna()]
+    if len(bad):
+        raise DataError(f"column {column!r} must be numeric, found {str(bad.iloc[0])!r}", path)
+    return values.to_numpy(dtype=np.float64)
+
+
+def _embedding_features(path: Path, patients: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Per-patient mean of an embeddings file's rows, aligned with ``patients`` (NaN rows for patients without any)."""
+    from medfoundry.models.features import read_embeddings
+
+    embeddings, _ = read_embeddings(path)
+    features = np.asarray(embeddings.features, dtype=np.float64)
+    rows: dict[str, list[int]] = {}
+    for i, patient in enumerate(embeddings.patient_ids):
+        rows.setdefault(str(patient), []).append(i)
+    out = np.full((len(patients), features.shape[1]), np.nan)
+    for j, patient in enumerate(patients):
+        if patient in rows:
+            # Survival is a patient's outcome: several images of one patient are pooled into one row.
+            out[j] = features[rows[patient]].mean(axis=0)
+    return out, [f"{path.stem}[{k}]" for k in range(features.shape[1])]
+
+
+def load_survival_table(source: Path, settings: SurvivalConfig) -> SurvivalData:
+    """The complete cases of ``source``; a DataError naming the file and the column for each kind of bad input."""
+    table = _read_csv(source)
+    s = settings
+    named = [s.time_column, s.event_column, s.patient_column, *s.baseline_features, *(s.feature_columns or [])]
+    named += [s.split_column] if s.split_column else []
+    missing = [c for c in dict.fromkeys(named) if c not in table.columns]
+    if missing:
+        raise DataError(f"column {missing[0]!r} is missing (columns: {', '.join(map(str, table.columns))})", source)
+    patients = [str(p) for p in table[s.patient_column]]
+    seen: dict[str, int] = {}
+    for patient in patients:
+        seen[patient] = seen.get(patient, 0) + 1
+    repeated = [p for p, n in seen.items() if n > 1]
+    if repeated:
+        raise DataError(
+            f"column {s.patient_column!r}: patient {repeated[0]!r} has {seen[repeated[0]]} rows; "
+            "a survival table has one row per patient",
+            source,
+        )
+    time = _numeric(table, s.time_column, source)
+    negative = np.flatnonzero(time < 0)
+    if len(negative):
+        i = negative[0]
+        raise DataError(
+            f"column {s.time_column!r} has {len(negative)} negative time(s) (patient {patients[i]!r}: {time[i]:g})",
+            source,
+        )
+    event = _numeric(table, s.event_column, source)
+    bad = np.flatnonzero(~np.isnan(event) & ~np.isin(event, (0.0, 1.0)))
+    if len(bad):
+        i = bad[0]
+        raise DataError(
+            f"column {s.event_column!r} must be 0 (censored) or 1 (event), "
+            f"found {event[i]:g} (patient {patients[i]!r})",
+            source,
+        )
+    used = {s.time_column, s.event_column, s.patient_column, *s.baseline_features}
+    used |= {s.split_column} if s.split_column else set()
+    if s.embeddings is not None:
+        features, names = _embedding_features(Path(s.embeddings), patients)
+    else:
+        names = s.feature_columns or [str(c) for c in table.columns if c not in used and table[c].dtype.kind in "iuf"]
+        if not names:
+            raise DataError("no feature column: name them in survival.feature_columns", source)
+        features = np.column_stack([_numeric(table, c, source) for c in names])
+    baseline = (
+        np.column_stack([_numeric(table, c, source) for c in s.baseline_features]) if s.baseline_features else None
+    )
+    split = [None if v != v else str(v).strip().lower() for v in table[s.split_column]] if s.split_column else None
+    columns = [time[:, None], event[:, None], features] + ([baseline] if baseline is not None else [])
+    complete = np.isfinite(np.column_stack(columns)).all(axis=1)
+    if not complete.any():
+        raise DataError("no patient has every used column filled (time, event, features, baseline)", source)
+    keep = np.flatnonzero(complete)
+    return SurvivalData(
+        patients=[patients[i] for i in keep],
+        time=time[keep],
+        event=event[keep].astype(bool),
+        features=features[keep],
+        feature_names=names,
+        baseline=baseline[keep] if baseline is not None else None,
+        split=[split[i] for i in keep] if split is not None else [None] * len(keep),
+        dropped=int((~complete).sum()),
+    )
+
+
+def survival_splits(
+    data: SurvivalData, config: TaskConfig, settings: SurvivalConfig
+) -> tuple[dict[str, Any], list[str]]:
+    """Train / test patient indices: from the split column, else the test split carved by patient on the event."""
+    from medfoundry.data.splits import patient_split
+
+    where = Path(str(config.source))
+    unknown = sorted({r for r in data.split if r not in (None, "train", "val", "test")})
+    if unknown:
+        raise DataError(f"column {settings.split_column!r} has value {unknown[0]!r}; use train, val or test", where)
+    roles = np.asarray(["test" if r == "test" else "train" for r in data.split])
+    splits = {role: np.flatnonzero(roles == role) for role in ROLES}
+    carved = []
+    if len(splits["test"]) == 0:
+        parts = patient_split(
+            [data.patients[i] for i in splits["train"]], data.event[splits["train"]].astype(np.int64),
+            (1.0 - config.test_fraction, config.test_fraction), config.split_seed, names=ROLES,
+        )  # fmt: skip
+        splits = {role: splits["train"][parts[role]] for role in ROLES}
+        carved.append("test")
+    for role in ROLES:
+        if not data.event[splits[role]].any():
+            raise DataError(
+                f"column {settings.event_column!r}: no event (1) among the {len(splits[role])} patients of the "
+                f"{role} split; a C-index needs events",
+                where,
+            )
+    return splits, carved
+
+
+def fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, settings: SurvivalConfig, seed: int) -> Any:
+    """Coxnet on standardised features, its penalty chosen by event-stratified CV on Harrell's C."""
+    from sklearn.exceptions import FitFailedWarning
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+    from sksurv.util import Surv
+
+    y = Surv.from_arrays(event, time)
+    with warnings.catch_warnings():
+        # The strong-penalty end of the path zeroes every coefficient (coxnet warns, and a few CV fits fail
+        # numerically there): those penalties simply score as chance (error_score) and lose the search.
+        warnings.filterwarnings("ignore", message="all coefficients are zero")
+        warnings.filterwarnings("ignore", category=FitFailedWarning)
+        # Two decades below the penalty that zeroes every coefficient: the range sksurv itself uses when features
+        # outnumber patients (embeddings), kept for every task so that cells are fitted alike.
+        coxnet = CoxnetSurvivalAnalysis(l1_ratio=settings.l1_ratio, n_alphas=settings.n_alphas, alpha_min_ratio=0.01)
+        alphas = make_pipeline(StandardScaler(), coxnet).fit(x, y)[-1].alphas_
+        folds = min(settings.cv_folds, int(event.sum()), int((~event).sum()))
+        model = make_pipeline(StandardScaler(), CoxnetSurvivalAnalysis(l1_ratio=settings.l1_ratio))
+        if folds < 2:
+            # Too few events to cross-validate: the weakest penalty of the path, the closest to a plain Cox fit.
+            return model.set_params(coxnetsurvivalanalysis__alphas=[alphas[-1]]).fit(x, y)
+        search = GridSearchCV(
+            model,
+            {"coxnetsurvivalanalysis__alphas": [[a] for a in alphas]},
+            cv=list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, event)),
+            error_score=0.5,
+        )
+        return search.fit(x, y).best_estimator_
+
+
+def _surv(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    from sksurv.util import Surv
+
+    return Surv.from_arrays(event.astype(bool), time)
+
+
+class _Metrics:
+    """Harrell's C, Uno's C and time-dependent AUC of risks on (a resample of) the test patients."""
+
+    def __init__(self, task: SurvivalTask) -> None:
+        train = task.splits["train"]
+        self.names = list(task.metrics)
+        self.train = _surv(task.data.time[train], task.data.event[train])
+        self.horizons = dict(task.settings.horizons)
+        self.tau = task.settings.tau or (max(self.horizons.values()) if self.horizons else None)
+
+    def __call__(self, time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> dict[str, float]:
+        from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc
+
+        values: dict[str, float] = {}
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            if HEADLINE in self.names:
+                values[HEADLINE] = _or_nan(lambda: concordance_index_censored(event, time, risk)[0])
+            test = _surv(time, event)
+            if "uno_c" in self.names:
+                values["uno_c"] = _or_nan(lambda: concordance_index_ipcw(self.train, test, risk, tau=self.tau)[0])
+            wanted = [(n, t) for n, t in self.horizons.items() if f"auc_{n}" in self.names]
+            if wanted:
+                try:
+                    auc = cumulative_dynamic_auc(self.train, test, risk, [t for _, t in wanted])[0]
+                except ValueError:  # a horizon outside this resample's follow-up
+                    auc = np.full(len(wanted), np.nan)
+                values.update({f"auc_{n}": float(a) for (n, _), a in zip(wanted, auc, strict=True)})
+        return values
+
+
+def _or_nan(compute: Any) -> float:
+    try:
+        return float(compute())
+    except (ValueError, ZeroDivisionError):  # no comparable pair in this resample
+        return float("nan")
+
+
+def _patient_index(patients: list[str]) -> tuple[np.ndarray, int]:
+    index: dict[str, int] = {}
+    rows = np.fromiter((index.setdefault(p, len(index)) for p in patients), dtype=np.int64, count=len(patients))
+    return rows, len(index)
+
+
+def _interval(point: float, draws: np.ndarray, n_bootstrap: int, confidence: float) -> MetricValue:
+    valid = draws[np.isfinite(draws)]
+    skipped = int(n_bootstrap - valid.shape[0])
+    if valid.shape[0] == 0 or skipped > n_bootstrap / 2:
+        return MetricValue(point, float("nan"), float("nan"), skipped)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return MetricValue(point, float(low), float(high), skipped)
+
+
+@dataclass
+class SurvivalScorer:
+    """Survival metrics with patient-bootstrap CIs on the test split; per-patient risks as CSV."""
+
+    task: SurvivalTask
+    evaluate: EvaluateConfig
+
+    @property
+    def metrics(self) -> list[str]:
+        return self.task.metrics
+
+    @property
+    def n_test(self) -> int:
+        return len(self.task.test)
+
+    def score(self, output: CellOutput, seed: int) -> Mapping[str, MetricValue]:
+        test, risk = self.task.test, np.asarray(output.proba, dtype=np.float64)[:, 0]
+        measure = _Metrics(self.task)
+        point = measure(test.time, test.event, risk)
+        n_bootstrap, confidence = self.evaluate.n_bootstrap, self.evaluate.confidence
+        if n_bootstrap == 0:
+            return {name: MetricValue(point[name], float("nan"), float("nan")) for name in self.metrics}
+        draws: dict[str, list[float]] = {name: [] for name in self.metrics}
+        rows, n_patients = _patient_index(test.patient_ids)
+        everyone = np.arange(len(test))
+        # The same patient resampling as every classification metric (resample_weights), applied by repeating rows:
+        # the survival statistics take case lists, not weights.
+        for weights in resample_weights(rows, n_patients, n_bootstrap, seed):
+            for row in weights.astype(np.int64):
+                idx = np.repeat(everyone, row)
+                for name, value in measure(test.time[idx], test.event[idx], risk[idx]).items():
+                    draws[name].append(value)
+        return {name: _interval(point[name], np.asarray(draws[name]), n_bootstrap, confidence) for name in self.metrics}
+
+    def save_predictions(self, path: Path, output: CellOutput) -> None:
+        test = self.task.test
+        lines = ["id,patient_id,time,event,risk"]
+        lines += [
+            f"{i},{p},{t:g},{int(e)},{float(r)!r}"
+            for i, p, t, e, r in zip(test.ids, test.patient_ids, test.time, test.event, output.proba[:, 0], strict=True)
+        ]
+        write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def read_risks(path: Path) -> np.ndarray:
+    """The risk column of a predictions CSV written by :meth:`SurvivalScorer.save_predictions`."""
+    import pandas as pd
+
+    return pd.read_csv(io.StringIO(path.read_text()))["risk"].to_numpy(dtype=np.float64)
+
+
+def kaplan_meier_groups(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
+    """Kaplan-Meier curves of the patients above and at-or-below the median risk, and the log-rank test."""
+    from sksurv.compare import compare_survival
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    high = risk > np.median(risk)
+    groups: dict[str, Any] = {"split": "median predicted risk on the test split"}
+    for label, members in (("high", high), ("low", ~high)):
+        t, s = kaplan_meier_estimator(event[members], time[members])
+        groups[label] = {"n": int(members.sum()), "events": int(event[members].sum()),
+                         "time": [0.0, *map(float, t)], "survival": [1.0, *map(float, s)]}  # fmt: skip
+    if high.all() or not high.any():
+        groups.update(chi2=float("nan"), p_value=float("nan"))
+    else:
+        chi2, p_value = compare_survival(_surv(time, event), np.where(high, "high", "low"))
+        groups.update(chi2=float(chi2), p_value=float(p_value))
+    return groups
+
+
+class SurvivalKind(TaskKind[SurvivalTask]):
+    name = KIND
+    default_metrics = (HEADLINE, "uno_c")
+
+    def load(self, config: TaskConfig) -> SurvivalTask:
+        assert config.source is not None and config.survival is not None  # TaskSource checks a survival task
+        settings = SurvivalConfig.model_validate(config.survival)
+        data = load_survival_table(Path(config.source), settings)
+        known = _metric_names(settings)
+        metrics = list(config.metrics or known)
+        unknown = [m for m in metrics if m not in known]
+        if unknown:
+            raise MedfoundryError(f"task '{config.name}': unknown survival metric(s) {unknown}; known: {known}")
+        splits, carved = survival_splits(data, config, settings)
+        return SurvivalTask(config, settings, data, splits, metrics, carved)
+
+    def scorer(self, task: SurvivalTask, evaluate: EvaluateConfig) -> SurvivalScorer:
+        return SurvivalScorer(task, evaluate)
+
+    def _cells(self, ctx: EngineContext, task: SurvivalTask, model: str, x: np.ndarray) -> Iterator[Cell]:
+        config, data = ctx.config, task.data
+        train, test = task.splits["train"], task.splits["test"]
+        budgets = LabelBudgets(list(config.adapt.label_fractions), list(config.adapt.seeds), config.adapt.min_per_class)
+
+        def fit(adapter: str, subset: np.ndarray, seed: int) -> CellOutput:
+            chosen = train[subset]
+            cox = fit_coxnet(x[chosen], data.time[chosen], data.event[chosen], task.settings, seed)
+            risk = np.asarray(cox.predict(x[test]), dtype=np.float64)
+            return CellOutput(risk[:, None], len(subset), int(x.shape[1]))
+
+        inputs = ["precomputed", model, task.settings.model_dump(mode="json")]
+        # Subsets stratified on the event: every subset keeps the table's share of events.
+        yield from grid_cells(model, [ADAPTER], budgets, data.event[train].astype(np.int64), inputs, fit)
+
+    def encoder_cells(
+        self, ctx: EngineContext, task: SurvivalTask, spec: EncoderConfig, encoder: Any
+    ) -> Iterator[Cell]:
+        yield from self._cells(ctx, task, task.model_name, task.data.features)
+
+    def baseline_cells(self, ctx: EngineContext, task: SurvivalTask) -> Iterator[Cell]:
+        if task.data.baseline is not None:
+            yield from self._cells(ctx, task, task.settings.baseline_name, task.data.baseline)
+
+    def comparisons(self, ctx: EngineContext, task: SurvivalTask, records: list[Any]) -> list[dict[str, Any]]:
+        config = ctx.config
+        store = CellStore(config.output_dir / "tasks" / task.name)
+        seeds = list(config.adapt.seeds)
+        fractions = sorted({r.label_fraction for r in records})
+        models = list(dict.fromkeys(r.model for r in records))
+
+        def runs(model: str, fraction: float) -> list[np.ndarray]:
+            paths = [store.predictions_path(CellKey(model, ADAPTER, fraction, s)) for s in seeds]
+            return [read_risks(p) for p in paths if p.is_file()]
+
+        test = task.test
+        for model in models:
+            risks = runs(model, max(fractions))
+            if risks:
+                task.risk_groups[model] = kaplan_meier_groups(test.time, test.event, risks[0])
+        baseline = task.settings.baseline_name
+        if baseline not in models or task.model_name not in models:
+            return []
+        out = []
+        for fraction in fractions:
+            runs_a, runs_b = runs(task.model_name, fraction), runs(baseline, fraction)
+            if runs_a and runs_b:
+                out.append(self._paired(config, task, fraction, runs_a, runs_b))
+        return out
+
+    def _paired(
+        self,
+        config: SuiteConfig,
+        task: SurvivalTask,
+        fraction: float,
+        runs_a: list[np.ndarray],
+        runs_b: list[np.ndarray],
+    ) -> dict[str, Any]:
+        """Harrell's C of the features model minus the baseline's, seed-averaged, on the same patient resamples."""
+        from sksurv.metrics import concordance_index_censored
+
+        test = task.test
+
+        def c_index(idx: np.ndarray, runs: list[np.ndarray]) -> float:
+            return float(np.mean([_or_nan(lambda r=r: concordance_index_censored(
+                test.event[idx], test.time[idx], r[idx])[0]) for r in runs]))  # fmt: skip
+
+        everyone = np.arange(len(test))
+        value_a, value_b = c_index(everyone, runs_a), c_index(everyone, runs_b)
+        rows, n_patients = _patient_index(test.patient_ids)
+        n_bootstrap = config.comparisons.n_bootstrap
+        diffs = [
+            c_index(idx, runs_a) - c_index(idx, runs_b)
+            for weights in resample_weights(rows, n_patients, n_bootstrap, 0)
+            for idx in (np.repeat(everyone, row) for row in weights.astype(np.int64))
+        ]
+        point = value_a - value_b
+        interval = _interval(point, np.asarray(diffs), n_bootstrap, config.evaluate.confidence)
+        valid = np.asarray(diffs)[np.isfinite(diffs)]
+        share = float(np.mean(valid <= 0) if point > 0 else np.mean(valid >= 0) if point < 0 else 1.0)
+        return {
+            "task": task.name, "metric": HEADLINE, "label_fraction": fraction,
+            "model_a": task.model_name, "adapter_a": ADAPTER, "model_b": task.settings.baseline_name,
+            "adapter_b": ADAPTER, "value_a": value_a, "value_b": value_b, "difference": point,
+            "ci_low": interval.ci_low, "ci_high": interval.ci_high, "share_opposite": share,
+            "n_seeds": max(len(runs_a), len(runs_b)), "confidence": config.evaluate.confidence,
+        }  # fmt: skip
+
+
+TASK_KINDS.add(KIND, SurvivalKind())
