@@ -47,7 +47,7 @@ from medfoundry.bench.grid import Cell, LabelBudgets, grid_cells
 from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore
-from medfoundry.evaluate.metrics import MetricValue, resample_weights
+from medfoundry.evaluate.metrics import MetricValue, percentile_interval, resample_weights
 from medfoundry.io_utils import write_text_atomic
 from medfoundry.settings import StrictModel
 
@@ -420,16 +420,6 @@ def _patient_index(patients: list[str]) -> tuple[np.ndarray, int]:
     return rows, len(index)
 
 
-def _interval(point: float, draws: np.ndarray, n_bootstrap: int, confidence: float) -> MetricValue:
-    valid = draws[np.isfinite(draws)]
-    skipped = int(n_bootstrap - valid.shape[0])
-    if valid.shape[0] == 0 or skipped > n_bootstrap / 2:
-        return MetricValue(point, float("nan"), float("nan"), skipped)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return MetricValue(point, float(low), float(high), skipped)
-
-
 @dataclass
 class SurvivalScorer:
     """Survival metrics with patient-bootstrap CIs on the test split; per-patient risks as CSV."""
@@ -462,7 +452,10 @@ class SurvivalScorer:
                 idx = np.repeat(everyone, row)
                 for name, value in measure(test.time[idx], test.event[idx], risk[idx]).items():
                     draws[name].append(value)
-        return {name: _interval(point[name], np.asarray(draws[name]), n_bootstrap, confidence) for name in self.metrics}
+        return {
+            name: percentile_interval(point[name], np.asarray(draws[name]), n_bootstrap, confidence)
+            for name in self.metrics
+        }
 
     def save_predictions(self, path: Path, output: CellOutput) -> None:
         test = self.task.test
@@ -596,7 +589,7 @@ class SurvivalKind(TaskKind[SurvivalTask]):
             for idx in (np.repeat(everyone, row) for row in weights.astype(np.int64))
         ]
         point = value_a - value_b
-        interval = _interval(point, np.asarray(diffs), n_bootstrap, config.evaluate.confidence)
+        interval = percentile_interval(point, np.asarray(diffs), n_bootstrap, config.evaluate.confidence)
         valid = np.asarray(diffs)[np.isfinite(diffs)]
         share = float(np.mean(valid <= 0) if point > 0 else np.mean(valid >= 0) if point < 0 else 1.0)
         return {

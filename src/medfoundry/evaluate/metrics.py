@@ -394,6 +394,19 @@ def _bootstrap_values(
     return out
 
 
+def percentile_interval(point: float, draws: np.ndarray, n_bootstrap: int, confidence: float) -> MetricValue:
+    """``point`` with the percentile CI of its bootstrap ``draws``; undefined draws (NaN) are skipped and counted, and
+    the CI is NaN when more than half of the ``n_bootstrap`` resamples were undefined."""
+    draws = np.asarray(draws, dtype=np.float64)
+    valid = draws[np.isfinite(draws)]
+    skipped = int(n_bootstrap - valid.shape[0])
+    if valid.shape[0] == 0 or skipped > n_bootstrap / 2:
+        return MetricValue(float(point), float("nan"), float("nan"), skipped)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return MetricValue(float(point), float(low), float(high), skipped)
+
+
 def compute_metrics(
     y_true: Sequence[int] | np.ndarray,
     proba: np.ndarray,

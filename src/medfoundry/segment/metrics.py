@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medfoundry.errors import DataError
-from medfoundry.evaluate.metrics import MetricValue, resample_weights
+from medfoundry.evaluate.metrics import MetricValue, percentile_interval, resample_weights
 
 
 @dataclass
@@ -119,15 +119,7 @@ def dice_with_ci(
             mean = np.nanmean(per_class[:, 1:], axis=1) if per_class.shape[1] > 1 else np.full(len(weights), np.nan)
         draws.append(np.column_stack([per_class, mean]))
     values = np.concatenate(draws)
-    alpha = 1.0 - confidence
-    out: dict[str, MetricValue] = {}
-    for j, name in enumerate(names):
-        column = values[:, j]
-        valid = column[np.isfinite(column)]
-        skipped = int(n_bootstrap - valid.shape[0])
-        if valid.shape[0] == 0 or skipped > n_bootstrap / 2:
-            out[name] = MetricValue(float(point_all[j]), float("nan"), float("nan"), skipped)
-            continue
-        low, high = np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0])
-        out[name] = MetricValue(float(point_all[j]), float(low), float(high), skipped)
-    return out
+    return {
+        name: percentile_interval(float(point_all[j]), values[:, j], n_bootstrap, confidence)
+        for j, name in enumerate(names)
+    }
