@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision pinned exactly (an unpinned torch pulls several GB of CUDA wheels).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	# Every optional part too (wsi, vlm, survival, stain, lora): demo and tests use them all.
+	$(PY) -m pip install -q -e ".[all,dev]"
 	touch $@
 
 demo: setup

@@ -4,7 +4,8 @@
 check the spacing, decode the pixels, apply RescaleSlope/Intercept, reorient to RAS+ and build the geometry.
 The baseline is the least any reader must do: ``dcmread`` every file, ``pixel_array * slope + intercept`` as
 float32, stacked (files taken in name order, no sorting or geometry). Repetitions alternate the two sides and
-medians are reported, so a noisy machine shifts both alike; the ratio is reader / bare (1.0 = no overhead).
+medians are reported, so a noisy machine shifts both alike; the ratio is reader / bare (1.0 = no overhead), from
+wall seconds and from CPU seconds (user + system; benchmarks/_timing.py), the latter steady on a loaded machine.
 Both run on the series as stored and on an uncompressed copy (where decoding no longer hides the overhead).
 
     python benchmarks/volume_loading.py                    # TotalSegmentator's 20-slice CT (JPEG 2000, 512x512)
@@ -14,15 +15,17 @@ Both run on the series as stored and on an uncompressed copy (where decoding no 
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
 from medfoundry.data.volume import load_dicom_series
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared timer beside this script, however it is run
+from _timing import Timed, median, ratio, ratio_text, run_timed  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SERIES = REPO_ROOT.parent / "shared" / "data" / "totalsegmentator_ct_examples" / "example_ct_dicom"
@@ -54,19 +57,20 @@ def decompressed_copy(folder: Path, dest: Path) -> Path:
 def compare(folder: Path, reps: int, label: str) -> None:
     n_slices = len(bare_pydicom(folder))  # warm-up of both sides: imports, decoders, file cache
     volume = load_dicom_series(folder)
-    times: dict[str, list[float]] = {"load_dicom_series": [], "bare pydicom loop": []}
+    times: dict[str, list[Timed]] = {"load_dicom_series": [], "bare pydicom loop": []}
     for _ in range(reps):
         for name, load in (("load_dicom_series", reader), ("bare pydicom loop", bare_pydicom)):
-            start = time.perf_counter()
-            load(folder)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(run_timed(lambda load=load: load(folder))[1])
     print(f"{label}: {folder} ({n_slices} slices, {volume.shape} voxels, {volume.metadata.get('modality')})")
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, values in times.items():
-        spread = f"{min(values) * 1e3:.0f}..{max(values) * 1e3:.0f} ms"
-        print(f"{name:>20}: {n_slices / medians[name]:7.1f} slices/s (median {medians[name] * 1e3:.0f} ms, {spread})")
-    ratio = medians["bare pydicom loop"] / medians["load_dicom_series"]
-    print(f"speed ratio load_dicom_series / bare loop: {ratio:.2f} (medians of {reps} interleaved reps)")
+    for name, spans in times.items():
+        middle, walls = median(spans), [span.wall for span in spans]
+        spread = f"{min(walls) * 1e3:.0f}..{max(walls) * 1e3:.0f} ms"
+        print(
+            f"{name:>20}: {n_slices / middle.wall:7.1f} slices/s (median {middle.wall * 1e3:.0f} ms, {spread}; "
+            f"{middle.cpu * 1e3:.0f} CPU-ms)"
+        )
+    speed = ratio(times["bare pydicom loop"], times["load_dicom_series"])
+    print(f"speed ratio load_dicom_series / bare loop: {ratio_text(speed)} (medians of {reps} interleaved reps)")
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ End to end is what ``medfoundry wsi tile`` + ``medfoundry wsi embed`` do: find t
 every tile from the slide with DataLoader workers, run the encoder, write the features. The baseline is a bare
 forward pass of the same model over the same tiles already in memory (read, normalised and resized beforehand),
 the best a pipeline could do. Repetitions alternate the two sides and medians are reported, so a noisy machine
-shifts both alike. Also: the bf16 option's speed-up over fp32 and its largest feature difference, and peak memory.
+shifts both alike. Every ratio is given twice: from wall seconds and from CPU seconds (user + system, loader workers
+included; benchmarks/_timing.py), which hold steady when other jobs load the machine.
+Also: the bf16 option's speed-up over fp32 and its largest feature difference, and peak memory.
 
     python benchmarks/wsi.py                               # CMU-1-Small-Region.svs, ViT-S/16, 224 px at 0.5 um/px
     python benchmarks/wsi.py --slide my.svs --reps 5
@@ -23,9 +25,8 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
@@ -38,33 +39,35 @@ from medfoundry.wsi import embed_slides, read_patches, tile_slides
 from medfoundry.wsi.embedding import SlideTiles, default_workers, plan_from_attrs
 from medfoundry.wsi.tiling import open_slide
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared timer beside this script, however it is run
+from _timing import Timed, median, ratio, ratio_text, timed  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = REPO_ROOT.parent / "shared" / "data" / "wsi_samples" / "CMU-1-Small-Region.svs"
 TARGET_RATIO = 0.95
 
 
-def end_to_end(slide: Path, encoder: Encoder, args: argparse.Namespace, bf16: bool) -> tuple[float, float, np.ndarray]:
+def end_to_end(slide: Path, encoder: Encoder, args: argparse.Namespace, bf16: bool) -> tuple[Timed, Timed, np.ndarray]:
     """Seconds for tiling + embedding from scratch, seconds of the embedding stage alone, and the features."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, timed() as whole:
         out = Path(tmp)
-        started = time.perf_counter()
         tile_slides([slide], out / "tiles", mpp=args.mpp, tile_size=args.tile, echo=lambda line: None)
-        embedding_started = time.perf_counter()
-        embed_slides(
-            out / "tiles" / "patches",
-            args.model,
-            out / "features",
-            slides=[slide],
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            bf16=bf16,
-            encoder=encoder,
-            progress=False,
-            echo=lambda line: None,
-        )
-        finished = time.perf_counter()
+        with timed() as embedding:
+            embed_slides(
+                out / "tiles" / "patches",
+                args.model,
+                out / "features",
+                slides=[slide],
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                bf16=bf16,
+                encoder=encoder,
+                progress=False,
+                echo=lambda line: None,
+            )
         with h5py.File(out / "features" / f"{slide.stem}.h5") as handle:
-            return finished - started, finished - embedding_started, handle["features"][:]
+            features = handle["features"][:]
+    return whole, embedding, features
 
 
 def tiles_in_memory(slide: Path, args: argparse.Namespace) -> torch.Tensor:
@@ -77,11 +80,11 @@ def tiles_in_memory(slide: Path, args: argparse.Namespace) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def bare_forward(encoder: Encoder, batches: list[torch.Tensor]) -> float:
-    started = time.perf_counter()
-    for batch in batches:
-        encoder(batch)
-    return time.perf_counter() - started
+def bare_forward(encoder: Encoder, batches: list[torch.Tensor]) -> Timed:
+    with timed() as span:
+        for batch in batches:
+            encoder(batch)
+    return span
 
 
 def write_mosaic(slide: Path, repeats: int, out: Path) -> Path:
@@ -137,7 +140,10 @@ def measure(args: argparse.Namespace) -> None:
             prepare_batch(encoder, tiles[i : i + args.batch_size]) for i in range(0, len(tiles), args.batch_size)
         ]
     bare_forward(encoder, batches[:1])  # warm-up: first-call allocations belong to neither side
-    e2e, bare, e2e_bf16, embed_only = [], [], [], []
+    e2e: list[Timed] = []
+    bare: list[Timed] = []
+    e2e_bf16: list[Timed] = []
+    embed_only: list[Timed] = []
     features: dict[str, np.ndarray] = {}
     for rep in range(args.reps):
         order = ["e2e", "bare", "bf16"] if rep % 2 == 0 else ["bf16", "bare", "e2e"]
@@ -151,8 +157,8 @@ def measure(args: argparse.Namespace) -> None:
                     embed_only.append(embedding)
                 features[side] = feats
     n = len(tiles)
-    fp32, bf16 = statistics.median(e2e), statistics.median(e2e_bf16)
-    base = statistics.median(bare)
+    fp32, bf16 = median(e2e).wall, median(e2e_bf16).wall
+    base = median(bare).wall
     diff = float(np.abs(features["bf16"] - features["e2e"]).max())
     scale = float(np.abs(features["e2e"]).max())
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -162,21 +168,26 @@ def measure(args: argparse.Namespace) -> None:
         f"slide {args.slide.name}: {n} tiles of {args.tile} px at {args.mpp} um/px; model {args.model}; "
         f"{torch.get_num_threads()} torch threads, {workers} loader workers; medians of {args.reps}"
     )
-    print(f"bare forward (tiles in memory): {n / base:7.1f} tiles/s")
+    print(f"bare forward (tiles in memory): {n / base:7.1f} tiles/s   ({_seconds(bare)})")
     print(
-        f"tile + embed, fp32:             {n / fp32:7.1f} tiles/s   ratio to bare {base / fp32:.3f} "
-        f"(target >= {TARGET_RATIO})"
+        f"tile + embed, fp32:             {n / fp32:7.1f} tiles/s   ratio to bare {ratio_text(ratio(bare, e2e))} "
+        f"(target >= {TARGET_RATIO}; {_seconds(e2e)})"
     )
-    only = statistics.median(embed_only)
+    only = median(embed_only).wall
     print(
-        f"  of which wsi embed, fp32:     {n / only:7.1f} tiles/s   ratio to bare {base / only:.3f} "
-        f"(tiling took {fp32 - only:.2f} s)"
+        f"  of which wsi embed, fp32:     {n / only:7.1f} tiles/s   ratio to bare "
+        f"{ratio_text(ratio(bare, embed_only))} (tiling took {fp32 - only:.2f} s)"
     )
     print(
-        f"tile + embed, bf16:             {n / bf16:7.1f} tiles/s   speed-up over fp32 {fp32 / bf16:.2f}x; "
-        f"largest feature difference {diff:.4f} (largest |feature| {scale:.2f})"
+        f"tile + embed, bf16:             {n / bf16:7.1f} tiles/s   speed-up over fp32 "
+        f"{ratio_text(ratio(e2e, e2e_bf16))}; largest feature difference {diff:.4f} (largest |feature| {scale:.2f})"
     )
     print(f"peak resident memory: main process {peak_self:.0f} MiB, largest loader worker {peak_children:.0f} MiB")
+
+
+def _seconds(spans: list[Timed]) -> str:
+    middle = median(spans)
+    return f"median {middle.wall:.2f} s wall, {middle.cpu:.2f} CPU-s"
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def test_no_bootstrap_gives_nan_ci() -> None:
         ([0.5, 1], np.full((2, 2), 0.5), None, {}, DataError, "integer class indices"),
         ([0, 1], np.full((2, 2), 0.5), ["a"], {}, DataError, "patient_ids has 1 entries but proba has 2"),
         ([0, 1, 2], np.full((3, 3), 0.5), None, {}, DataError, "rows sum to 1.*apply softmax"),
-        ([0, 1], np.full((2, 2), 0.5), None, {"metrics": ("brier",)}, MedfoundryError, "unknown metric.*brier"),
+        ([0, 1], np.full((2, 2), 0.5), None, {"metrics": ("nometric",)}, MedfoundryError, "unknown metric.*nometric"),
         ([0, 1], np.full((2, 2), 0.5), None, {"confidence": 95}, MedfoundryError, "confidence must be"),
         ([], np.zeros((0, 2)), None, {}, DataError, "empty test set"),
     ],

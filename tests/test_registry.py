@@ -54,7 +54,7 @@ def test_lookup_imports_the_member_modules_in_a_fresh_process() -> None:
         "import sys, medfoundry.ssl.trainer as t\n"
         "from medfoundry.ssl.base import SSL_METHODS\n"
         "assert SSL_METHODS.get('dino').__name__ == 'DINO'\n"
-        "assert set(SSL_METHODS) == {'byol', 'dino', 'ibot', 'mae', 'mocov3', 'simclr'}\n"
+        "assert set(SSL_METHODS) == {'byol', 'dino', 'distill', 'ibot', 'mae', 'mocov3', 'simclr'}\n"
         "from medfoundry.adapt.registry import ADAPTERS\n"
         "assert set(ADAPTERS) == {'fewshot', 'knn', 'linear', 'mlp'}\n"
         "from medfoundry.models.backbones import ARCHITECTURES\n"

@@ -23,11 +23,13 @@ from medfoundry.adapt.finetune import FineTuneConfig
 from medfoundry.adapt.registry import AdaptConfig
 from medfoundry.adapt.supervised import SupervisedBaselineConfig
 from medfoundry.errors import MedfoundryError
+from medfoundry.packaged import resolve_config_path
 from medfoundry.registry import did_you_mean, unknown_name_error
 from medfoundry.settings import StrictModel
 from medfoundry.ssl.base import SSL_METHODS
 from medfoundry.ssl.byol import BYOLConfig
 from medfoundry.ssl.dino import DinoConfig
+from medfoundry.ssl.distill import DistillConfig
 from medfoundry.ssl.ibot import IBOTConfig
 from medfoundry.ssl.mae import MAEConfig
 from medfoundry.ssl.mocov3 import MoCoV3Config
@@ -114,6 +116,23 @@ class TaskSource(StrictModel):
         None,
         description="survival: time, event, patient and feature columns, baseline, horizons "
         "(medfoundry.bench.survival.SurvivalConfig); source is the CSV",
+    )
+    temperature_scaling: bool = Field(
+        False,
+        description="classification: also fit one temperature on the val split's predictions and report "
+        "calibration (ECE, Brier, reliability diagram) before and after it (docs/calibration.md)",
+    )
+    subgroups: list[str] = Field(
+        default_factory=list,
+        description="classification: per-sample metadata columns (manifest columns, folder group_regex groups, "
+        "subgroup_file columns) whose groups every metric is reported for (docs/subgroups.md)",
+    )
+    subgroup_file: str | None = Field(
+        None, description="CSV of per-sample metadata joined to the test cases by sample id (subgroup_id_column)"
+    )
+    subgroup_id_column: str = Field("id", description="the subgroup_file column holding the sample ids")
+    min_group_size: int = Field(
+        10, ge=2, description="test cases a subgroup needs; smaller groups are reported as too small, not as numbers"
     )
 
     @model_validator(mode="after")
@@ -268,6 +287,7 @@ class PretrainConfig(StrictModel):
     mocov3: MoCoV3Config = MoCoV3Config()
     byol: BYOLConfig = BYOLConfig()
     mae: MAEConfig = MAEConfig()
+    distill: DistillConfig = DistillConfig()
     clip: CLIPConfig = CLIPConfig()
 
     @field_validator("method")
@@ -454,7 +474,8 @@ def load_config(model: type[T], path: Path | None = None, overrides: list[str] |
     """Load a YAML recipe into ``model``, apply overrides, and validate with clear messages."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        # A relative configs/... path falls back to the recipes shipped in the package (an installed wheel).
+        path = resolve_config_path(path)
         if not path.is_file():
             raise MedfoundryError("config file does not exist", path)
         try:

@@ -162,6 +162,9 @@ class FineTuner:
         self.encoder_ = copy.deepcopy(self.encoder)
         self.head_ = nn.Linear(self.encoder_.embed_dim, self.n_classes).to(self.encoder_.mean.device)
         if self.mode == "lora":
+            from medfoundry.extras import require
+
+            require("peft", "lora", "LoRA fine-tuning")
             from peft import LoraConfig, get_peft_model
 
             config = LoraConfig(

@@ -3,8 +3,11 @@ fine-tuning and a network trained from scratch, all on the same label subsets, s
 
 from __future__ import annotations
 
+import csv
+import json
+import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,13 @@ from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
 from medfoundry.bench.tasks import Task, is_feature_set, labels_of, open_splits
 from medfoundry.config import EncoderConfig, EvaluateConfig, SuiteConfig, TaskConfig
 from medfoundry.errors import DataError, MedfoundryError
+from medfoundry.evaluate.calibration import CalibrationSettings, calibration_analysis
 from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore
 from medfoundry.evaluate.compare import paired_difference
 from medfoundry.evaluate.metrics import METRICS, MetricValue, compute_metrics
 from medfoundry.evaluate.predictions import Predictions, read_predictions, write_predictions
+from medfoundry.evaluate.subgroups import SubgroupSettings, check_subgroups, subgroup_analysis
+from medfoundry.io_utils import write_json_atomic
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import weights_hash
 
@@ -41,6 +47,35 @@ SINGLE_LABEL_ADAPTERS = ("fewshot",)
 def _deterministic(adapter: str) -> bool:
     # Declared by each adapter where it registers (adapt/*.py): same cases and features give the same fit.
     return bool(ADAPTERS.metadata(adapter).get("deterministic", False))
+
+
+# Part of every classification cell's inputs: cells stored before the validation predictions were kept (for
+# temperature scaling) are recomputed once rather than analysed without them.
+CELL_EXTRAS = "val-predictions-1"
+
+
+@dataclass
+class ClassificationTask(Task):
+    """A classification task plus what its post-cell analyses found (written to results.json's task metadata)."""
+
+    calibration: dict[str, Any] = field(default_factory=dict)
+    subgroups: dict[str, Any] = field(default_factory=dict)
+    subgroup_notes: list[str] = field(default_factory=list)
+
+    def metadata(self) -> dict[str, Any]:
+        out = super().metadata()
+        if self.calibration:
+            out["calibration"] = self.calibration
+        if self.subgroups:
+            out["subgroups"] = self.subgroups
+        return out
+
+
+@dataclass
+class ProbaOutput(CellOutput):
+    """A cell's output plus its probabilities on the validation split (for temperature scaling)."""
+
+    val_proba: np.ndarray | None = None
 
 
 def budgets(config: SuiteConfig) -> LabelBudgets:
@@ -76,6 +111,25 @@ class ClassificationScorer:
         write_predictions(
             path, Predictions(list(test.ids), list(test.patient_ids), np.asarray(test.labels), output.proba)
         )
+        # Beside the test predictions: the validation ones (temperature scaling) and the decision threshold
+        # (subgroup metrics must threshold as the cell's own metrics did).
+        val_proba = getattr(output, "val_proba", None)
+        if val_proba is not None:
+            val = self.task.val
+            write_predictions(
+                val_predictions_path(path),
+                Predictions(list(val.ids), list(val.patient_ids), np.asarray(val.labels), val_proba),
+            )
+        write_json_atomic(extras_path(path), {"threshold": output.threshold})
+
+
+def val_predictions_path(predictions: Path) -> Path:
+    """``tasks/<task>/val_predictions/<cell>.csv`` beside ``tasks/<task>/predictions/<cell>.csv``."""
+    return predictions.parent.parent / "val_predictions" / predictions.name
+
+
+def extras_path(predictions: Path) -> Path:
+    return predictions.parent.parent / "val_predictions" / predictions.with_suffix(".json").name
 
 
 class ClassificationKind(TaskKind[Task]):
@@ -102,9 +156,15 @@ class ClassificationKind(TaskKind[Task]):
         if unknown:
             raise MedfoundryError(f"task '{config.name}': unknown metric(s) {unknown}; known: {sorted(METRICS)}")
         train = splits["train"]
-        return Task(
+        task = ClassificationTask(
             config, train, splits["val"], splits["test"], kind, n_classes, metrics, carved, is_feature_set(train)
         )
+        if config.subgroup_file:
+            join_subgroup_file(task.test, Path(config.subgroup_file), config.subgroup_id_column)
+        if config.subgroups:
+            source = config.subgroup_file or task.test.source
+            task.subgroup_notes = check_subgroups(task.test.metadata, config.subgroups, config.min_group_size, source)
+        return task
 
     def skipped_adapters(self, adapters: list[str]) -> list[str]:
         return [a for a in adapters if self.name == "multilabel" and a in SINGLE_LABEL_ADAPTERS]
@@ -123,9 +183,11 @@ class ClassificationKind(TaskKind[Task]):
             model = create_adapter(adapter, config.adapt, seed, task.n_classes)
             model.fit(features["train"].features[subset], y_train[subset], features["val"].features, y_val)
             proba = model.predict_proba(features["test"].features)
-            return CellOutput(proba, len(subset), model.trainable_parameters_, getattr(model, "threshold_", None))
+            val_proba = model.predict_proba(features["val"].features)
+            threshold = getattr(model, "threshold_", None)
+            return ProbaOutput(proba, len(subset), model.trainable_parameters_, threshold, val_proba)
 
-        inputs = [*identity, config.adapt.model_dump(mode="json")]
+        inputs = [*identity, config.adapt.model_dump(mode="json"), CELL_EXTRAS]
         yield from grid_cells(
             spec.name, adapters, budgets(config), y_train, inputs, probe, deterministic=_deterministic
         )
@@ -138,10 +200,11 @@ class ClassificationKind(TaskKind[Task]):
             tuner = FineTuner(encoder, task.n_classes, mode=mode, seed=seed, **tune.model_dump(exclude={"modes"}))
             tuner.fit(task.train.subset(subset), task.val)
             proba = tuner.predict_proba(task.test)
-            return CellOutput(proba, len(subset), tuner.trainable_parameters_, tuner.threshold_)
+            val_proba = tuner.predict_proba(task.val)
+            return ProbaOutput(proba, len(subset), tuner.trainable_parameters_, tuner.threshold_, val_proba)
 
         modes = [f"finetune-{mode}" for mode in tune.modes]
-        inputs = [*identity, tune.model_dump(mode="json")]
+        inputs = [*identity, tune.model_dump(mode="json"), CELL_EXTRAS]
         yield from grid_cells(
             spec.name, modes, budgets(config), y_train, inputs, finetune, config.finetune_label_fractions
         )
@@ -155,16 +218,101 @@ class ClassificationKind(TaskKind[Task]):
             model = SupervisedFromScratch(baseline, task.train.num_channels, task.n_classes, seed)
             model.fit(task.train.subset(subset), task.val)
             proba = model.predict_proba(task.test)
-            return CellOutput(proba, len(subset), model.trainable_parameters_, model.threshold_)
+            val_proba = model.predict_proba(task.val)
+            return ProbaOutput(proba, len(subset), model.trainable_parameters_, model.threshold_, val_proba)
 
-        inputs = [baseline.model_dump(mode="json")]
+        inputs = [baseline.model_dump(mode="json"), CELL_EXTRAS]
         model = scratch_model_name(ctx.config)
         yield from grid_cells(
             model, ["supervised"], budgets(ctx.config), np.asarray(task.train.labels), inputs, from_scratch
         )
 
     def comparisons(self, ctx: EngineContext, task: Task, records: list[Any]) -> list[dict[str, Any]]:
+        if isinstance(task, ClassificationTask):
+            analyse_cells(ctx, task, records)
         return paired_comparisons(ctx.config, task, records)
+
+
+def join_subgroup_file(images: Any, path: Path, id_column: str) -> None:
+    """Give ``images`` the columns of a metadata CSV, joined by sample id; every case must have a row."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            # Header cells are stripped: spreadsheet exports keep trailing spaces ("Risk of macular edema ").
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except OSError as exc:
+        raise DataError(f"cannot read subgroup file: {exc}", path) from exc
+    columns = [c for c in (rows[0] if rows else {}) if c]
+    if id_column not in columns:
+        raise DataError(f"subgroup file has no id column {id_column!r}; columns found: {columns}", path)
+    by_id = {row[id_column]: row for row in rows}
+    # Readers may prefix ids with their folder ("test/IDRiD_001"); a file listing bare names still joins.
+    keys = [sid if sid in by_id else sid.rsplit("/", 1)[-1] for sid in images.ids]
+    missing = [sid for sid, key in zip(images.ids, keys, strict=True) if key not in by_id]
+    if missing:
+        raise DataError(f"{len(missing)} test case(s) have no row in the subgroup file, e.g. {missing[0]!r}", path)
+    joined = {c: [by_id[key][c] for key in keys] for c in columns if c != id_column}
+    images.metadata = {**(images.metadata or {}), **joined}
+
+
+def analyse_cells(ctx: EngineContext, task: ClassificationTask, records: list[Any]) -> None:
+    """Calibration (ECE, Brier and reliability bins, before and after temperature scaling) and subgroup metrics of
+    every cell's saved predictions; the results go to the task's metadata in results.json."""
+    config, spec = ctx.config, task.config
+    store = CellStore(config.output_dir / "tasks" / task.name)
+    keys = list(dict.fromkeys(CellKey(r.model, r.adapter, r.label_fraction, r.seed) for r in records))
+    test = task.test
+    y = np.asarray(test.labels)
+    evaluate = config.evaluate
+    calibration_rows, subgroup_rows = [], []
+    seconds = {"calibration": 0.0, "subgroups": 0.0}
+    for note in task.subgroup_notes:
+        ctx.echo(f"  [{task.name}] {note}")
+    for key in keys:
+        path = store.predictions_path(key)
+        if not path.is_file():
+            continue
+        predictions = read_predictions(path)
+        if list(predictions.ids) != list(test.ids):
+            raise DataError(
+                "predictions do not list the task's test cases in order; delete the file to recompute", path
+            )
+        extras = json.loads(extras_path(path).read_text()) if extras_path(path).is_file() else {}
+        cell = key.as_dict()
+        if task.kind != "multilabel":
+            started = time.perf_counter()
+            val_file = val_predictions_path(path)
+            val = read_predictions(val_file) if spec.temperature_scaling and val_file.is_file() else None
+            settings = CalibrationSettings(evaluate.n_bootstrap, evaluate.confidence, key.seed)
+            analysis = calibration_analysis(
+                y, predictions.proba, test.patient_ids, settings,
+                None if val is None else val.labels, None if val is None else val.proba,
+            )  # fmt: skip
+            calibration_rows.append({**cell, **analysis})
+            seconds["calibration"] += time.perf_counter() - started
+        if spec.subgroups and test.metadata:
+            started = time.perf_counter()
+            settings_sg = SubgroupSettings(
+                tuple(spec.subgroups), spec.min_group_size, evaluate.n_bootstrap, evaluate.confidence, key.seed
+            )
+            analysis_sg = subgroup_analysis(
+                y, predictions.proba, test.patient_ids, test.metadata, task.metrics, settings_sg,
+                extras.get("threshold"),
+            )  # fmt: skip
+            subgroup_rows += [{**cell, **entry} for entry in analysis_sg]
+            seconds["subgroups"] += time.perf_counter() - started
+    if calibration_rows:
+        task.calibration = {"temperature_scaling": spec.temperature_scaling, "cells": calibration_rows}
+        ctx.durations[f"{task.name}/calibration"] = seconds["calibration"]
+    if subgroup_rows:
+        metadata = test.metadata or {}
+        task.subgroups = {
+            "columns": list(spec.subgroups),
+            "min_group_size": spec.min_group_size,
+            "groups": {c: sorted(set(metadata[c])) for c in spec.subgroups},
+            "cells": subgroup_rows,
+        }
+        ctx.durations[f"{task.name}/subgroups"] = seconds["subgroups"]
 
 
 def scratch_model_name(config: SuiteConfig) -> str | None:

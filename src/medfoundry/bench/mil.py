@@ -35,6 +35,7 @@ import numpy as np
 from medfoundry.bench.classification import KIND_METRICS, ClassificationScorer, budgets, paired_comparisons
 from medfoundry.bench.grid import Cell, grid_cells
 from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
+from medfoundry.bench.task_parts import ConfiguredTask
 from medfoundry.config import EncoderConfig, EvaluateConfig, TaskConfig
 from medfoundry.data.splits import patient_split
 from medfoundry.errors import DataError, MedfoundryError
@@ -65,7 +66,7 @@ class SlideCases:
 
 
 @dataclass
-class SlideTask:
+class SlideTask(ConfiguredTask):
     """A slide-mil task's bags, splits (or folds) and metrics; the engine reads the same attributes as of a Task."""
 
     config: TaskConfig
@@ -77,10 +78,6 @@ class SlideTask:
     carved: list[str] = field(default_factory=list)
     kind: str = KIND
     precomputed: bool = True
-
-    @property
-    def name(self) -> str:
-        return self.config.name
 
     @property
     def model_name(self) -> str:

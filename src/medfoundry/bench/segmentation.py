@@ -31,6 +31,7 @@ import numpy as np
 
 from medfoundry.bench.grid import Cell, LabelBudgets, grid_cells
 from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
+from medfoundry.bench.task_parts import ConfiguredTask, KindScorer
 from medfoundry.config import EncoderConfig, EvaluateConfig, SuiteConfig, TaskConfig
 from medfoundry.errors import DataError, MedfoundryError, ModelError
 from medfoundry.evaluate.cells import CellOutput
@@ -57,7 +58,7 @@ BASELINE_MODEL = "baseline"
 
 
 @dataclass
-class SegmentationTask:
+class SegmentationTask(ConfiguredTask):
     """A segmentation task's blocks and how it is scored; the engine reads the same attributes as of a ``Task``."""
 
     config: TaskConfig
@@ -71,10 +72,6 @@ class SegmentationTask:
     metrics: list[str]
     kind: str = "segmentation"
     precomputed: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.config.name
 
     @property
     def n_test_units(self) -> int:
@@ -147,15 +144,8 @@ def read_masks(predictions_path: Path) -> list[np.ndarray]:
 
 
 @dataclass
-class SegmentationScorer:
+class SegmentationScorer(KindScorer[SegmentationTask]):
     """Dice per class and its mean with unit-bootstrap CIs; masks and per-unit counts as the cell's predictions."""
-
-    task: SegmentationTask
-    evaluate: EvaluateConfig
-
-    @property
-    def metrics(self) -> list[str]:
-        return self.task.metrics
 
     @property
     def n_test(self) -> int:

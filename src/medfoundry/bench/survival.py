@@ -11,22 +11,31 @@ How time-to-event maps onto the engine's cells:
 * **splits**: a ``split_column`` fixes train / test (``val`` rows join train: the penalty is chosen by
   cross-validation inside the training subset, so no separate validation split is needed); without it the test
   split is carved by patient, stratified on the event, and no patient is in two splits;
-* one adapter, ``coxph``: a Cox proportional-hazards model with an elastic-net penalty on standardised features
-  (coxnet), its penalty chosen by event-stratified cross-validation on Harrell's C inside the cell's training
-  subset. ``grid_cells`` crosses it with the suite's label fractions (a fraction draws an event-stratified subset
-  of the training patients, nested per seed) and seeds (which also draw the cross-validation folds);
-* the baseline (``baseline_features``, e.g. clinical stage) is the same adapter on those columns only, on the
-  same subsets, recorded as the model ``baseline_name`` ("stage-only"); patients missing any used column are left
-  out of both, so the two are scored on exactly the same test patients;
+* or a folder of slide bags (``survival.bags``: one ``.h5`` of tile features per slide, from ``medfoundry wsi
+  embed``), joined to the CSV by patient (``survival.slides`` maps slide ids to patients; without it each file is
+  ``<patient>.h5``); a patient's slides make one bag, and the mean of its tiles is the patient's feature vector;
+* the adapters (``survival.adapters``): ``coxph``, a Cox proportional-hazards model with an elastic-net penalty on
+  standardised features (coxnet), its penalty chosen by event-stratified cross-validation on Harrell's C inside
+  the cell's training subset; ``deep-cox``, a small MLP trained on the Cox partial likelihood, early-stopped on a
+  patient-grouped, event-stratified part of the cell's training subset; and on bags ``mil-<model>`` (``mil-abmil``,
+  ``mil-mean``, ...), the slide-mil kind's heads with the same loss. ``grid_cells`` crosses them with the suite's
+  label fractions (a fraction draws an event-stratified subset of the training patients, nested per seed) and
+  seeds (which also draw the cross-validation folds and initialise the networks);
+* the baseline (``baseline_features``, e.g. clinical stage, as ordinal numbers or one-hot) is ``coxph`` on those
+  columns only, on the same subsets, recorded as the model ``baseline_name`` ("stage-only"); and, unless
+  ``combined: false``, the vector adapters also fit features plus those columns (model ``<features>+<columns>``),
+  asking whether the features add to stage; patients missing any used column are left out of all of them, so every
+  model is scored on exactly the same test patients;
 * the scorer reports Harrell's C (headline), Uno's C and the cumulative/dynamic AUC at each of ``horizons``, all
   with patient-bootstrap CIs; predictions are saved as id, patient_id, time, event, risk;
-* comparisons: the features model against the baseline on Harrell's C, a paired patient bootstrap averaged over
-  seeds, per label fraction; and Kaplan-Meier curves of the test patients split at the median predicted risk,
-  with a log-rank test, kept in the task's metadata so the report draws them from results.json alone.
+* comparisons: every other model and adapter against the baseline on Harrell's C, a paired patient bootstrap
+  averaged over seeds, per label fraction; and Kaplan-Meier curves of the test patients split at the median
+  predicted risk, with a log-rank test, kept in the task's metadata so the report draws them from results.json.
 
 The statistics come from scikit-survival: its concordance indices, IPCW weighting and coxnet path are maintained,
 tested against the reference R implementations, and follow scikit-learn's estimator API like our adapters, which
-lifelines (its own fitter API, no Uno's C over a coxnet path) and torchsurv (deep models only) do not.
+lifelines (its own fitter API, no Uno's C over a coxnet path) and torchsurv (deep models only) do not; the deep
+heads' loss is the Breslow partial likelihood in ``mil/train.py: cox_loss`` (why not torchsurv's: there).
 """
 
 from __future__ import annotations
@@ -38,17 +47,21 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from medfoundry.bench.grid import Cell, LabelBudgets, grid_cells
 from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
+from medfoundry.bench.task_parts import ConfiguredTask, KindScorer
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore
 from medfoundry.evaluate.metrics import MetricValue, percentile_interval, resample_weights
+from medfoundry.extras import require
 from medfoundry.io_utils import write_text_atomic
+from medfoundry.mil.models import MIL_MODELS
+from medfoundry.mil.train import MILTrainConfig
 from medfoundry.settings import StrictModel
 
 if TYPE_CHECKING:
@@ -56,9 +69,21 @@ if TYPE_CHECKING:
     from medfoundry.config import EncoderConfig, EvaluateConfig, SuiteConfig, TaskConfig
 
 KIND = "survival"
-ADAPTER = "coxph"
+ADAPTER = "coxph"  # the reference adapter: coxnet, and the only one the baseline runs
+DEEP_COX = "deep-cox"
+MIL_PREFIX = "mil-"
 HEADLINE = "c_index"
 ROLES = ("train", "test")
+
+
+def _deep_cox_defaults() -> MILTrainConfig:
+    # A few hundred patients of 10-1000 features: a narrow MLP, whole-cohort-sized batches (the partial likelihood
+    # compares each patient with the others at risk in the batch), early stopping from epoch 10.
+    return MILTrainConfig(hidden=32, dropout=0.1, lr=1e-3, max_epochs=200, patience=20, min_epochs=10, batch_size=64)
+
+
+def _mil_cox_defaults() -> MILTrainConfig:
+    return MILTrainConfig(batch_size=16, max_epochs=60, patience=10, min_epochs=10)
 
 
 class SurvivalConfig(StrictModel):
@@ -84,6 +109,37 @@ class SurvivalConfig(StrictModel):
     l1_ratio: float = Field(0.5, gt=0, le=1)
     n_alphas: int = Field(30, ge=2)
     cv_folds: int = Field(5, ge=2)
+    adapters: list[str] = Field(
+        default_factory=lambda: [ADAPTER],
+        min_length=1,
+        description="coxph (coxnet), deep-cox (MLP, Cox loss), mil-<model> on bags (mil-abmil, mil-mean, ...)",
+    )
+    baseline_encoding: Literal["ordinal", "onehot"] = Field(
+        "ordinal", description="baseline columns as numbers, or one indicator per value (the lowest left out)"
+    )
+    combined: bool = Field(True, description="also fit features plus the baseline columns (do features add?)")
+    combined_name: str | None = Field(None, description="model name of features + baseline; default <features>+<cols>")
+    deep_cox: MILTrainConfig = Field(default_factory=_deep_cox_defaults, description="deep-cox MLP training")
+    bags: str | None = Field(None, description="folder of per-slide tile-feature .h5 files (medfoundry wsi embed)")
+    slides: str | None = Field(None, description="CSV slide_id,patient_id for bags; default files <patient>.h5")
+    mil_train: MILTrainConfig = Field(default_factory=_mil_cox_defaults, description="mil-<model> training")
+
+    @field_validator("adapters")
+    @classmethod
+    def _known_adapters(cls, names: list[str]) -> list[str]:
+        for name in names:
+            mil = name.removeprefix(MIL_PREFIX) if name.startswith(MIL_PREFIX) else None
+            if name not in (ADAPTER, DEEP_COX) and (mil is None or mil not in MIL_MODELS):
+                known = [ADAPTER, DEEP_COX, *(MIL_PREFIX + m for m in MIL_MODELS.names())]
+                raise ValueError(f"unknown survival adapter {name!r}; known: {', '.join(known)}")
+        return list(dict.fromkeys(names))
+
+    @field_validator("deep_cox", "mil_train")
+    @classmethod
+    def _batches(cls, train: MILTrainConfig) -> MILTrainConfig:
+        if train.batch_size < 2:
+            raise ValueError("batch_size must be at least 2: the Cox loss compares patients within a batch")
+        return train
 
 
 def _metric_names(settings: SurvivalConfig) -> list[str]:
@@ -102,6 +158,9 @@ class SurvivalData:
     baseline: np.ndarray | None
     split: list[str | None]
     dropped: int
+    baseline_names: list[str] = field(default_factory=list)
+    # Each patient's tiles (all their slides), when the task reads slide bags.
+    bags: list[np.ndarray] | None = None
 
 
 @dataclass
@@ -118,7 +177,7 @@ class SurvivalCases:
 
 
 @dataclass
-class SurvivalTask:
+class SurvivalTask(ConfiguredTask):
     config: TaskConfig
     settings: SurvivalConfig
     data: SurvivalData
@@ -131,12 +190,26 @@ class SurvivalTask:
     risk_groups: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def name(self) -> str:
-        return self.config.name
+    def model_name(self) -> str:
+        s = self.settings
+        if s.features_name:
+            return s.features_name
+        return Path(s.bags).name if s.bags else Path(s.embeddings or str(self.config.source)).stem
 
     @property
-    def model_name(self) -> str:
-        return self.settings.features_name or Path(self.settings.embeddings or str(self.config.source)).stem
+    def combined_name(self) -> str | None:
+        """The features-plus-baseline model, when the task has a baseline and fits it."""
+        if self.data.baseline is None or not self.settings.combined:
+            return None
+        return self.settings.combined_name or f"{self.model_name}+{'+'.join(self.settings.baseline_features)}"
+
+    def adapters(self, model: str) -> list[str]:
+        """The adapters a model runs: the baseline only coxph, the combined model the vector ones, features all."""
+        if model == self.settings.baseline_name:
+            return [ADAPTER]
+        if model == self.model_name:
+            return list(self.settings.adapters)
+        return [a for a in self.settings.adapters if not a.startswith(MIL_PREFIX)]
 
     def cases(self, role: str) -> SurvivalCases:
         index = self.splits.get(role, np.zeros(0, dtype=np.int64))
@@ -161,7 +234,7 @@ class SurvivalTask:
         digest = hashlib.sha256(repr((self.data.feature_names, self.settings.model_dump(mode="json"))).encode())
         for role, index in self.splits.items():
             digest.update(f"{role}:{[self.data.patients[i] for i in index]}".encode())
-        for array in (self.data.time, self.data.event, self.data.features, self.data.baseline):
+        for array in (self.data.time, self.data.event, self.data.features, self.data.baseline, *(self.data.bags or [])):
             if array is not None:
                 digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
         return digest.hexdigest()[:16]
@@ -186,6 +259,10 @@ class SurvivalTask:
             "precomputed_features": True,
             "features": self.data.feature_names,
             "baseline_features": list(self.settings.baseline_features),
+            "baseline_encoding": self.settings.baseline_encoding,
+            "adapters": list(self.settings.adapters),
+            "combined_model": self.combined_name,
+            "slide_bags": self.data.bags is not None,
             "dropped_incomplete": self.data.dropped,
             "horizons": dict(self.settings.horizons),
             "survival": {"risk_groups": self.risk_groups},
@@ -195,8 +272,11 @@ class SurvivalTask:
         dropped = f", {self.data.dropped} patient(s) with missing values left out" if self.data.dropped else ""
         events = "/".join(str(int(self.data.event[self.splits[r]].sum())) for r in ROLES)
         baseline = f"; baseline {self.settings.baseline_name}" if self.settings.baseline_features else ""
+        baseline += f", combined {self.combined_name}" if self.combined_name else ""
+        bags = f" (patient bags of {sum(len(b) for b in self.data.bags)} tiles)" if self.data.bags else ""
         return (
-            f"{self.name}: survival, {len(self.data.features[0])} features, train/test "
+            f"{self.name}: survival, {len(self.data.features[0])} features{bags}, adapters "
+            f"{', '.join(self.settings.adapters)}, train/test "
             f"{'/'.join(str(len(self.splits[r])) for r in ROLES)} patients ({events} events){dropped}{baseline}; "
             f"headline metric {self.metrics[0]}"
         )
@@ -240,6 +320,66 @@ def _embedding_features(path: Path, patients: list[str]) -> tuple[np.ndarray, li
     return out, [f"{path.stem}[{k}]" for k in range(features.shape[1])]
 
 
+def _patient_bags(
+    folder: Path, slides: Path | None, patients: list[str]
+) -> tuple[list[np.ndarray | None], np.ndarray, list[str]]:
+    """Each patient's tiles from ``folder`` (None without any slide file), their per-patient mean (NaN rows for
+    those without) and its column names; a DataError naming the file for a bad map or feature file."""
+    from medfoundry.mil.data import is_plain_slide_id, read_bag_file
+
+    if not folder.is_dir():
+        raise DataError("slide bags folder not found", folder)
+    if slides is not None:
+        table = _read_csv(slides)
+        missing = [c for c in ("slide_id", "patient_id") if c not in table.columns]
+        if missing:
+            raise DataError(f"column {missing[0]!r} is missing; the slides map needs slide_id,patient_id", slides)
+        pairs = [(str(s), str(p)) for s, p in zip(table["slide_id"], table["patient_id"], strict=True)]
+    else:
+        pairs = [(p, p) for p in patients]
+    bad = [slide for slide, _ in pairs if not is_plain_slide_id(slide)]
+    if bad:
+        # Slide ids become file names: a path in one would read outside the folder the user named.
+        raise DataError(f"slide id {bad[0]!r} is not a plain file name", slides or folder)
+    tiles: dict[str, list[np.ndarray]] = {}
+    for slide, patient in pairs:
+        path = folder / f"{slide}.h5"
+        if path.is_file():
+            features = read_bag_file(path)[0]
+            if len(features):
+                tiles.setdefault(patient, []).append(features)
+    if not tiles:
+        raise DataError(f"no patient of the survival table has a slide file ({len(pairs)} slides named)", folder)
+    widths = {t.shape[1] for parts in tiles.values() for t in parts}
+    if len(widths) > 1:
+        raise DataError(f"slide feature widths differ ({sorted(widths)}); were they embedded by one encoder?", folder)
+    (width,) = widths
+    # A patient's slides form one bag: survival is the patient's outcome, and the heads attend over all their tiles.
+    bags = [np.concatenate(tiles[p]).astype(np.float32) if p in tiles else None for p in patients]
+    means = np.full((len(patients), width), np.nan)
+    for j, bag in enumerate(bags):
+        if bag is not None:
+            means[j] = bag.mean(axis=0)
+    return bags, means, [f"{folder.name}[{k}]" for k in range(width)]
+
+
+def encode_baseline(baseline: np.ndarray, names: list[str], encoding: str) -> tuple[np.ndarray, list[str]]:
+    """The baseline columns as they are (ordinal), or one 0/1 column per value but the lowest of each (onehot)."""
+    if encoding == "ordinal":
+        return baseline, list(names)
+    columns, out_names = [], []
+    for k, name in enumerate(names):
+        values = baseline[:, k]
+        # The lowest value is the reference level: a full set of indicators would be collinear with the baseline
+        # hazard of a Cox model.
+        for level in np.unique(values[np.isfinite(values)])[1:]:
+            columns.append(np.where(np.isfinite(values), (values == level).astype(np.float64), np.nan))
+            out_names.append(f"{name}={level:g}")
+    if not columns:
+        return np.zeros((len(baseline), 0)), []
+    return np.column_stack(columns), out_names
+
+
 def load_survival_table(source: Path, settings: SurvivalConfig) -> SurvivalData:
     """The complete cases of ``source``; a DataError naming the file and the column for each kind of bad input."""
     table = _read_csv(source)
@@ -279,16 +419,24 @@ def load_survival_table(source: Path, settings: SurvivalConfig) -> SurvivalData:
         )
     used = {s.time_column, s.event_column, s.patient_column, *s.baseline_features}
     used |= {s.split_column} if s.split_column else set()
+    bags: list[np.ndarray | None] | None = None
+    if s.embeddings is not None and s.bags is not None:
+        raise DataError("give survival.embeddings or survival.bags as the features, not both", source)
     if s.embeddings is not None:
         features, names = _embedding_features(Path(s.embeddings), patients)
+    elif s.bags is not None:
+        bags, features, names = _patient_bags(Path(s.bags), Path(s.slides) if s.slides else None, patients)
     else:
         names = s.feature_columns or [str(c) for c in table.columns if c not in used and table[c].dtype.kind in "iuf"]
         if not names:
             raise DataError("no feature column: name them in survival.feature_columns", source)
         features = np.column_stack([_numeric(table, c, source) for c in names])
-    baseline = (
-        np.column_stack([_numeric(table, c, source) for c in s.baseline_features]) if s.baseline_features else None
-    )
+    baseline, baseline_names = None, []
+    if s.baseline_features:
+        raw = np.column_stack([_numeric(table, c, source) for c in s.baseline_features])
+        baseline, baseline_names = encode_baseline(raw, list(s.baseline_features), s.baseline_encoding)
+        # One-hot columns are NaN exactly where the raw value is: completeness is judged on the raw columns.
+        baseline = np.where(np.isfinite(raw).all(axis=1, keepdims=True), baseline, np.nan)
     split = [None if v != v else str(v).strip().lower() for v in table[s.split_column]] if s.split_column else None
     columns = [time[:, None], event[:, None], features] + ([baseline] if baseline is not None else [])
     complete = np.isfinite(np.column_stack(columns)).all(axis=1)
@@ -304,6 +452,8 @@ def load_survival_table(source: Path, settings: SurvivalConfig) -> SurvivalData:
         baseline=baseline[keep] if baseline is not None else None,
         split=[split[i] for i in keep] if split is not None else [None] * len(keep),
         dropped=int((~complete).sum()),
+        baseline_names=baseline_names,
+        bags=[bags[i] for i in keep] if bags is not None else None,  # type: ignore[misc]  # complete: not None
     )
 
 
@@ -343,6 +493,8 @@ def fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, settings: Sur
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    require("sksurv", "survival", "survival tasks")
     from sksurv.linear_model import CoxnetSurvivalAnalysis
     from sksurv.util import Surv
 
@@ -370,7 +522,63 @@ def fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, settings: Sur
         return search.fit(x, y).best_estimator_
 
 
+def _targets(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    return np.column_stack([time, event.astype(np.float64)])
+
+
+def fit_deep_cox(
+    x: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    patients: list[str],
+    x_test: np.ndarray,
+    settings: SurvivalConfig,
+    seed: int,
+) -> tuple[np.ndarray, int]:
+    """Test risks (log hazards) of an MLP on standardised features trained on the Cox partial likelihood,
+    early-stopped on a patient-grouped, event-stratified part of the training rows; and its parameter count."""
+    from sklearn.preprocessing import StandardScaler
+
+    from medfoundry.mil.models import count_trainable
+    from medfoundry.mil.train import predict_mil, train_mil
+
+    scaler = StandardScaler().fit(x)
+
+    def rows(a: np.ndarray) -> list[np.ndarray]:
+        return [row[None, :] for row in scaler.transform(a).astype(np.float32)]
+
+    # Mean pooling over a one-instance bag is exactly an MLP (linear, ReLU, dropout, linear): the MIL trainer's
+    # seeding, early stopping and Cox objective then serve the deep Cox head and the MIL heads alike.
+    fit = train_mil(
+        "mean", rows(x), _targets(time, event), patient_ids=patients, config=settings.deep_cox, seed=seed,
+        objective="cox",
+    )  # fmt: skip
+    return predict_mil(fit.model, rows(x_test), objective="cox").proba[:, 0], count_trainable(fit.model)
+
+
+def fit_mil_cox(
+    model: str,
+    bags: list[np.ndarray],
+    time: np.ndarray,
+    event: np.ndarray,
+    patients: list[str],
+    test_bags: list[np.ndarray],
+    settings: SurvivalConfig,
+    seed: int,
+) -> tuple[np.ndarray, int]:
+    """Test risks of a registered MIL head trained on patient bags with the Cox loss; and its parameter count."""
+    from medfoundry.mil.models import count_trainable
+    from medfoundry.mil.train import predict_mil, train_mil
+
+    fit = train_mil(
+        model, bags, _targets(time, event), patient_ids=patients, config=settings.mil_train, seed=seed,
+        objective="cox",
+    )  # fmt: skip
+    return predict_mil(fit.model, test_bags, objective="cox").proba[:, 0], count_trainable(fit.model)
+
+
 def _surv(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    require("sksurv", "survival", "survival tasks")
     from sksurv.util import Surv
 
     return Surv.from_arrays(event.astype(bool), time)
@@ -387,6 +595,7 @@ class _Metrics:
         self.tau = task.settings.tau or (max(self.horizons.values()) if self.horizons else None)
 
     def __call__(self, time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> dict[str, float]:
+        require("sksurv", "survival", "survival tasks")
         from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc
 
         values: dict[str, float] = {}
@@ -421,15 +630,8 @@ def _patient_index(patients: list[str]) -> tuple[np.ndarray, int]:
 
 
 @dataclass
-class SurvivalScorer:
+class SurvivalScorer(KindScorer[SurvivalTask]):
     """Survival metrics with patient-bootstrap CIs on the test split; per-patient risks as CSV."""
-
-    task: SurvivalTask
-    evaluate: EvaluateConfig
-
-    @property
-    def metrics(self) -> list[str]:
-        return self.task.metrics
 
     @property
     def n_test(self) -> int:
@@ -476,6 +678,7 @@ def read_risks(path: Path) -> np.ndarray:
 
 def kaplan_meier_groups(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
     """Kaplan-Meier curves of the patients above and at-or-below the median risk, and the log-rank test."""
+    require("sksurv", "survival", "survival tasks")
     from sksurv.compare import compare_survival
     from sksurv.nonparametric import kaplan_meier_estimator
 
@@ -500,6 +703,9 @@ class SurvivalKind(TaskKind[SurvivalTask]):
     def load(self, config: TaskConfig) -> SurvivalTask:
         assert config.source is not None and config.survival is not None  # TaskSource checks a survival task
         settings = SurvivalConfig.model_validate(config.survival)
+        mil = [a for a in settings.adapters if a.startswith(MIL_PREFIX)]
+        if mil and settings.bags is None:
+            raise MedfoundryError(f"task '{config.name}': adapter {mil[0]} needs slide bags (survival.bags)")
         data = load_survival_table(Path(config.source), settings)
         known = _metric_names(settings)
         metrics = list(config.metrics or known)
@@ -513,24 +719,38 @@ class SurvivalKind(TaskKind[SurvivalTask]):
         return SurvivalScorer(task, evaluate)
 
     def _cells(self, ctx: EngineContext, task: SurvivalTask, model: str, x: np.ndarray) -> Iterator[Cell]:
-        config, data = ctx.config, task.data
+        config, data, settings = ctx.config, task.data, task.settings
         train, test = task.splits["train"], task.splits["test"]
         budgets = LabelBudgets(list(config.adapt.label_fractions), list(config.adapt.seeds), config.adapt.min_per_class)
 
         def fit(adapter: str, subset: np.ndarray, seed: int) -> CellOutput:
             chosen = train[subset]
-            cox = fit_coxnet(x[chosen], data.time[chosen], data.event[chosen], task.settings, seed)
-            risk = np.asarray(cox.predict(x[test]), dtype=np.float64)
-            return CellOutput(risk[:, None], len(subset), int(x.shape[1]))
+            time, event, patients = data.time[chosen], data.event[chosen], [data.patients[i] for i in chosen]
+            if adapter == ADAPTER:
+                cox = fit_coxnet(x[chosen], time, event, settings, seed)
+                risk, n_params = cox.predict(x[test]), int(x.shape[1])
+            elif adapter == DEEP_COX:
+                risk, n_params = fit_deep_cox(x[chosen], time, event, patients, x[test], settings, seed)
+            else:
+                assert data.bags is not None  # load() refuses MIL adapters without bags
+                bags = data.bags
+                risk, n_params = fit_mil_cox(
+                    adapter.removeprefix(MIL_PREFIX), [bags[i] for i in chosen], time, event, patients,
+                    [bags[i] for i in test], settings, seed,
+                )  # fmt: skip
+            return CellOutput(np.asarray(risk, dtype=np.float64)[:, None], len(subset), n_params)
 
-        inputs = ["precomputed", model, task.settings.model_dump(mode="json")]
+        inputs = ["precomputed", model, settings.model_dump(mode="json")]
         # Subsets stratified on the event: every subset keeps the table's share of events.
-        yield from grid_cells(model, [ADAPTER], budgets, data.event[train].astype(np.int64), inputs, fit)
+        yield from grid_cells(model, task.adapters(model), budgets, data.event[train].astype(np.int64), inputs, fit)
 
     def encoder_cells(
         self, ctx: EngineContext, task: SurvivalTask, spec: EncoderConfig, encoder: Any
     ) -> Iterator[Cell]:
         yield from self._cells(ctx, task, task.model_name, task.data.features)
+        if task.combined_name is not None and task.data.baseline is not None:
+            combined = np.hstack([task.data.features, task.data.baseline])
+            yield from self._cells(ctx, task, task.combined_name, combined)
 
     def baseline_cells(self, ctx: EngineContext, task: SurvivalTask) -> Iterator[Cell]:
         if task.data.baseline is not None:
@@ -541,25 +761,29 @@ class SurvivalKind(TaskKind[SurvivalTask]):
         store = CellStore(config.output_dir / "tasks" / task.name)
         seeds = list(config.adapt.seeds)
         fractions = sorted({r.label_fraction for r in records})
-        models = list(dict.fromkeys(r.model for r in records))
+        fits = list(dict.fromkeys((r.model, r.adapter) for r in records))
 
-        def runs(model: str, fraction: float) -> list[np.ndarray]:
-            paths = [store.predictions_path(CellKey(model, ADAPTER, fraction, s)) for s in seeds]
+        def runs(model: str, adapter: str, fraction: float) -> list[np.ndarray]:
+            paths = [store.predictions_path(CellKey(model, adapter, fraction, s)) for s in seeds]
             return [read_risks(p) for p in paths if p.is_file()]
 
         test = task.test
-        for model in models:
-            risks = runs(model, max(fractions))
+        for model, adapter in fits:
+            risks = runs(model, adapter, max(fractions))
             if risks:
-                task.risk_groups[model] = kaplan_meier_groups(test.time, test.event, risks[0])
-        baseline = task.settings.baseline_name
-        if baseline not in models or task.model_name not in models:
+                label = model if adapter == ADAPTER else f"{model} ({adapter})"
+                task.risk_groups[label] = kaplan_meier_groups(test.time, test.event, risks[0])
+        reference = (task.settings.baseline_name, ADAPTER)
+        if reference not in fits:
             return []
         out = []
-        for fraction in fractions:
-            runs_a, runs_b = runs(task.model_name, fraction), runs(baseline, fraction)
-            if runs_a and runs_b:
-                out.append(self._paired(config, task, fraction, runs_a, runs_b))
+        for model, adapter in fits:
+            if (model, adapter) == reference:
+                continue
+            for fraction in fractions:
+                runs_a, runs_b = runs(model, adapter, fraction), runs(*reference, fraction)
+                if runs_a and runs_b:
+                    out.append(self._paired(config, task, fraction, (model, adapter), runs_a, runs_b))
         return out
 
     def _paired(
@@ -567,10 +791,12 @@ class SurvivalKind(TaskKind[SurvivalTask]):
         config: SuiteConfig,
         task: SurvivalTask,
         fraction: float,
+        fit_a: tuple[str, str],
         runs_a: list[np.ndarray],
         runs_b: list[np.ndarray],
     ) -> dict[str, Any]:
-        """Harrell's C of the features model minus the baseline's, seed-averaged, on the same patient resamples."""
+        """Harrell's C of one model minus the baseline's, seed-averaged, on the same patient resamples."""
+        require("sksurv", "survival", "survival tasks")
         from sksurv.metrics import concordance_index_censored
 
         test = task.test
@@ -594,7 +820,7 @@ class SurvivalKind(TaskKind[SurvivalTask]):
         share = float(np.mean(valid <= 0) if point > 0 else np.mean(valid >= 0) if point < 0 else 1.0)
         return {
             "task": task.name, "metric": HEADLINE, "label_fraction": fraction,
-            "model_a": task.model_name, "adapter_a": ADAPTER, "model_b": task.settings.baseline_name,
+            "model_a": fit_a[0], "adapter_a": fit_a[1], "model_b": task.settings.baseline_name,
             "adapter_b": ADAPTER, "value_a": value_a, "value_b": value_b, "difference": point,
             "ci_low": interval.ci_low, "ci_high": interval.ci_high, "share_opposite": share,
             "n_seeds": max(len(runs_a), len(runs_b)), "confidence": config.evaluate.confidence,

@@ -1,6 +1,8 @@
 """``medfoundry wsi``: tile whole-slide images and embed their tiles (a thin layer over ``medfoundry.wsi``).
 
-Both commands go on past bad slides and print a summary; they exit 1 only when every slide failed.
+Both commands go on past bad slides and print a summary; they exit 1 only when every slide failed. Both run under
+torchrun and as several jobs (``--shard i/n``, or a SLURM job array) on one output folder: each slide is claimed
+before it is done (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Annotated
 import typer
 
 from medfoundry.cli.common import echo
+
+SHARD_HELP = "this job's share as INDEX/COUNT, e.g. 0/8 (default: the SLURM array task, if any)"
 
 app = typer.Typer(no_args_is_help=True, help="Whole-slide images: tile and embed (pathology).")
 
@@ -26,11 +30,15 @@ def tile(
     mpp_override: Annotated[
         float | None, typer.Option("--mpp-override", help="level-0 MPP to use instead of the slide's metadata")
     ] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help=SHARD_HELP)] = None,
 ) -> None:
     """Find tissue and write tile coordinates (HDF5, TRIDENT/CLAM layout) and a thumbnail per slide."""
+    from medfoundry.distributed import init_distributed
     from medfoundry.wsi.tiling import tile_slides
 
-    summary = tile_slides(slides, out, mpp, tile, min_tissue, mpp_override, echo=echo)
+    summary = tile_slides(slides, out, mpp, tile, min_tissue, mpp_override, echo=echo, shard=shard)
+    if not init_distributed().is_main:
+        return  # under torchrun, rank 0 reports for all
     echo(f"tiled {len(summary.done)} slide(s), skipped {len(summary.skipped)}; summary: {out / 'tile_summary.json'}")
     for path, reason in summary.skipped:
         echo(f"  skipped {path}: {reason}")
@@ -49,7 +57,7 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size", help="tiles per batch")] = 64,
     num_workers: Annotated[
         int | None,
-        typer.Option("--num-workers", help="DataLoader workers reading tiles (default: 4 on a GPU; 0 or 1 on a CPU)"),
+        typer.Option("--num-workers", help="tile-reading workers (default: 0.75 x cores on a GPU, cores / 8 on a CPU)"),
     ] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the encoder")] = False,
     img_size: Annotated[int | None, typer.Option("--img-size", help="input size for a preset or timm name")] = None,
@@ -57,8 +65,10 @@ def embed(
     stain_reference: Annotated[
         Path | None, typer.Option("--stain-reference", help="Macenko reference JSON (`wsi stain-fit`)")
     ] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help=SHARD_HELP)] = None,
 ) -> None:
     """Stream tiles through an encoder into per-slide features; slides already done are skipped."""
+    from medfoundry.distributed import init_distributed
     from medfoundry.wsi.embedding import embed_slides
 
     summary = embed_slides(
@@ -74,12 +84,39 @@ def embed(
         progress=sys.stderr.isatty(),
         echo=echo,
         stain_reference=stain_reference,
+        shard=shard,
     )
+    if not init_distributed().is_main:
+        return  # under torchrun, rank 0 reports for all
     for row in summary.failed:
         echo(f"  failed {row['slide']}: {row['error']}")
     echo(f"summary: {out / 'embed_summary.json'}")
     if not summary.ok:
         raise typer.Exit(1)
+
+
+@app.command("export-features")
+def export_features(
+    sources: Annotated[
+        list[Path], typer.Argument(help="`wsi embed` folders of <slide>.h5, or `medfoundry embed` files (train.h5 ...)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    layout: Annotated[str, typer.Option("--layout", help="clam, trident or eva")],
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="slide labels CSV (slide_id,patient_id,label[,split]); eva needs it")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="split of one image features file (default: its name)")
+    ] = None,
+    encoder_name: Annotated[
+        str | None, typer.Option("--encoder-name", help="TRIDENT's features_<encoder> folder name")
+    ] = None,
+) -> None:
+    """Write features in the layout CLAM, TRIDENT or eva reads (docs/wsi.md: Interoperability)."""
+    from medfoundry.wsi.interop import export_features as export
+
+    summary = export(sources, out, layout, labels, split, encoder_name)
+    echo(f"{out}: {summary.samples} sample(s) in {summary.layout}'s layout ({len(summary.written)} files)")
 
 
 @app.command("stain-fit")

@@ -268,16 +268,21 @@ def load_manifest(
         labels, class_names = _encode_labels([row[label_column] for row in rows], label_column, csv_path)
     if class_name_column:
         class_names = _class_names_by_index(labels, class_names, rows, class_name_column, csv_path)
+    # Every other column (site, scanner, sex, stain batch ...) is per-sample metadata that subgroups can name.
+    used = {path_column, label_column, patient_column, split_column, class_name_column}
+    extra = {column: [(row.get(column) or "").strip() for row in rows] for column in columns if column not in used}
     if crop_size is None:
         if crop_stride is not None:
             raise DataError("crop_stride needs crop_size", csv_path)
-        return _group_by_split(
+        whole = _group_by_split(
             csv_path.stem, csv_path, paths, ids, patients, splits, labels, class_names, image_size, channels
         )
+        return _with_metadata(whole, extra, splits)
     grid = [_crop_grid(path, crop_size, crop_stride or crop_size, csv_path) for path in paths]
     rows_of_crops = [row for row, corners in enumerate(grid) for _ in corners]
     boxes = [(x, y, crop_size) for corners in grid for x, y in corners]
-    return _group_by_split(
+    crop_metadata = {column: [values[row] for row in rows_of_crops] for column, values in extra.items()}
+    crops = _group_by_split(
         csv_path.stem,
         csv_path,
         [paths[row] for row in rows_of_crops],
@@ -290,6 +295,16 @@ def load_manifest(
         channels,
         boxes,
     )
+    return _with_metadata(crops, crop_metadata, [splits[row] for row in rows_of_crops])
+
+
+def _with_metadata(result: Splits, metadata: dict[str, list[str]], splits: list[str]) -> Splits:
+    """Attach each split's rows of the per-sample ``metadata`` columns (in the rows' order, as _group_by_split)."""
+    if metadata:
+        for split, images in result.items():
+            rows = [i for i, s in enumerate(splits) if s == split]
+            images.metadata = {column: [values[i] for i in rows] for column, values in metadata.items()}
+    return result
 
 
 def load_image_folder(
@@ -298,6 +313,7 @@ def load_image_folder(
     image_size: ImageSize | None = None,
     channels: int | None = None,
     patient_regex: str | None = None,
+    group_regex: str | None = None,
 ) -> Splits:
     """Load ``root/<class>/*.{png,jpg,jpeg,tif,tiff,bmp}`` or ``root/<split>/<class>/...``.
 
@@ -312,6 +328,10 @@ def load_image_folder(
     ``^(person\\d+|(?:NORMAL2-)?IM-\\d+)[-_]`` for Kermany chest X-rays. Files whose stem does not match
     keep their sample id as patient id. Patient ids carry no class or split folder, so one patient's files
     in several folders share an id.
+
+    ``group_regex`` extracts per-sample metadata for subgroup analyses from each file stem: every named group
+    becomes a metadata column, e.g. ``_(?P<pneumonia_type>bacteria|virus)_`` for Kermany's
+    ``person1_bacteria_1``; a stem that does not match gets ``none`` in every column.
     """
     root = Path(root)
     if not root.is_dir():
@@ -335,7 +355,23 @@ def load_image_folder(
         splits[split] = FileImageSet(
             f"{root.name}:{split}", root, paths, ids, patients, labels, class_names, image_size, channels
         )
+        if group_regex is not None:
+            splits[split].metadata = _groups_from_stems([path.stem for path in paths], group_regex, root)
     return splits
+
+
+def _groups_from_stems(stems: list[str], group_regex: str, root: Path) -> dict[str, list[str]]:
+    try:
+        pattern = re.compile(group_regex)
+    except re.error as exc:
+        raise DataError(f"group_regex {group_regex!r} is not a valid regular expression ({exc})", root) from exc
+    if not pattern.groupindex:
+        raise DataError(f"group_regex {group_regex!r} needs named groups (?P<column>...) naming its columns", root)
+    matches = [pattern.search(stem) for stem in stems]
+    return {
+        column: [(m[column] if m is not None and m[column] else "none") for m in matches]
+        for column in pattern.groupindex
+    }
 
 
 def _patient_pattern(patient_regex: str | None, root: Path) -> re.Pattern[str] | None:

@@ -28,6 +28,9 @@ class ImageSet(ABC):
     ids: list[str]
     patient_ids: list[str]
     labels: np.ndarray | None
+    # Per-sample metadata beyond the label (site, scanner, sex, a group from the file name ...): column -> one
+    # string per sample, for subgroup analyses. None where the reader found none; subsets carry theirs.
+    metadata: dict[str, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -93,6 +96,9 @@ class SubsetImageSet(ImageSet):
         self.ids = [parent.ids[i] for i in indices]
         self.patient_ids = [parent.patient_ids[i] for i in indices]
         self.labels = None if parent.labels is None else parent.labels[indices]
+        parent_metadata = parent.metadata
+        if parent_metadata:
+            self.metadata = {column: [values[i] for i in indices] for column, values in parent_metadata.items()}
 
     def load(self, index: int) -> np.ndarray:
         return self.parent.load(int(self.indices[index]))

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    cohen_kappa_score,
+    f1_score,
+    roc_auc_score,
+)
 
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.registry import Registry
@@ -36,7 +43,7 @@ WeightedMetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 DEFAULT_METRICS: tuple[str, ...] = ("auroc", "accuracy", "balanced_accuracy")
 
 # Metrics for which a smaller value is better; every other metric is higher-is-better.
-LOWER_IS_BETTER: frozenset[str] = frozenset({"ece"})
+LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "brier"})
 # Metrics defined for multi-label tasks (labels (N, K) of 0/1); the others need one class per sample.
 MULTILABEL_METRICS: frozenset[str] = frozenset({"auroc"})
 # Metrics of a hard decision, which a binary decision threshold changes.
@@ -142,6 +149,26 @@ def ece(y_true: np.ndarray, proba: np.ndarray) -> float:
     gap = (proba.argmax(axis=1) == y_true) - confidence
     per_bin = np.bincount(_ece_bins(confidence), weights=gap, minlength=ECE_BINS)
     return float(np.abs(per_bin).sum() / y_true.shape[0])
+
+
+def _brier_per_sample(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    # Squared distance of the probability vector from the one-hot label; halved for two classes so that it equals
+    # the usual positive-class Brier score (sklearn's ``scale_by_half="auto"``).
+    onehot = np.zeros_like(proba)
+    onehot[np.arange(y_true.shape[0]), y_true.astype(np.int64)] = 1.0
+    scale = 0.5 if proba.shape[1] == 2 else 1.0
+    return scale * ((proba - onehot) ** 2).sum(axis=1)
+
+
+@METRICS.register("brier")
+def brier(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Brier score (mean squared error of the probabilities against the one-hot label); lower is better.
+
+    Binary: of the positive class, in [0, 1]; multi-class: summed over classes, in [0, 2] (sklearn's convention).
+    """
+    if proba.shape[1] == 2:
+        return float(brier_score_loss(y_true, proba[:, 1], pos_label=1))
+    return float(brier_score_loss(y_true, proba, labels=list(range(proba.shape[1]))))
 
 
 def weighted_binary_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -250,6 +277,10 @@ def _weighted_ece(y_true: np.ndarray, proba: np.ndarray, weights: np.ndarray) ->
     return np.abs(weights @ binned).sum(axis=1) / weights.sum(axis=1)
 
 
+def _weighted_brier(y_true: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return (weights @ _brier_per_sample(y_true, proba)) / weights.sum(axis=1)
+
+
 _WEIGHTED: dict[str, WeightedMetricFn] = {
     "auroc": _weighted_auroc,
     "accuracy": _weighted_accuracy,
@@ -257,6 +288,7 @@ _WEIGHTED: dict[str, WeightedMetricFn] = {
     "f1": _weighted_f1,
     "kappa": _weighted_kappa,
     "ece": _weighted_ece,
+    "brier": _weighted_brier,
 }
 
 
@@ -392,6 +424,12 @@ def _bootstrap_values(
         except ValueError:
             out[b] = np.nan
     return out
+
+
+def bootstrap_values(name: str, y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Metric ``name`` under each row of bootstrap sample ``weights`` (B, N); NaN where undefined. Zero weights
+    leave a sample out, so a subgroup is scored by masking the weights of a whole-test-set resample."""
+    return _bootstrap_values(name, y, proba, weights)
 
 
 def percentile_interval(point: float, draws: np.ndarray, n_bootstrap: int, confidence: float) -> MetricValue:

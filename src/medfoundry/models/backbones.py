@@ -124,7 +124,8 @@ register_preset(
     widen_factor=0.25,
     no_max_pool=True,
 )
-register_preset("vit_small_224", "vit_small_patch16_224", "ViT-S/16 at 224 px (22M parameters)")
+# img_size stated (timm's default is the same 224): callers that size inputs from the preset read it here.
+register_preset("vit_small_224", "vit_small_patch16_224", "ViT-S/16 at 224 px (22M parameters)", img_size=224)
 register_preset("resnet18", "resnet18", "ResNet-18 (11M parameters)")
 register_preset("resnet50", "resnet50", "ResNet-50 (24M parameters)")
 

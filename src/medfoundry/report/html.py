@@ -13,11 +13,13 @@ from markupsafe import Markup
 from medfoundry.evaluate.results import ResultsFile
 from medfoundry.io_utils import write_text_atomic
 from medfoundry.report.context import ReportContext, Section, TaskSection
+from medfoundry.report.sections.calibration import calibration
 from medfoundry.report.sections.header import header
 from medfoundry.report.sections.health import pretraining_health
 from medfoundry.report.sections.plots import adaptation_ladder, label_efficiency
 from medfoundry.report.sections.results_table import results_table
 from medfoundry.report.sections.run_time import run_time
+from medfoundry.report.sections.subgroups import subgroups
 from medfoundry.report.sections.summary import summary
 from medfoundry.report.sections.survival import survival_curves
 from medfoundry.report.sections.verdict import verdict
@@ -31,6 +33,8 @@ TASK_SECTIONS: list[TaskSection] = [
     label_efficiency,
     adaptation_ladder,
     survival_curves,
+    calibration,
+    subgroups,
     results_table,
 ]
 

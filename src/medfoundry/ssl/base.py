@@ -81,7 +81,7 @@ class SSLMethod(nn.Module, ABC):
 # The modules whose SSLMethod subclasses register themselves; imported on the first lookup (no import circle).
 SSL_METHODS: Registry[type[SSLMethod]] = Registry(
     "SSL method",
-    modules=tuple(f"medfoundry.ssl.{name}" for name in ("dino", "ibot", "simclr", "mocov3", "byol", "mae")),
+    modules=tuple(f"medfoundry.ssl.{name}" for name in ("dino", "ibot", "simclr", "mocov3", "byol", "mae", "distill")),
 )
 
 

@@ -453,6 +453,9 @@ def pretrain(
         exported = method.export_encoder().cpu()
         dumped = config.model_dump(mode="json")
         dumped["init_from"] = started_from
+        # A method may name what it learnt from (a distillation teacher) and record its settings without paths.
+        method_extra = dict(method.checkpoint_extra()) if hasattr(method, "checkpoint_extra") else {}
+        dumped.update(method_extra.pop("settings", {}))
         extra = {
             "ssl_method": config.method,
             "data": data_description or images.name,
@@ -460,6 +463,7 @@ def pretrain(
             "pretrain_fingerprint": fingerprint,
             "pretrain_config": dumped,
             **({"init_from": started_from} if started_from else {}),
+            **method_extra,
         }
         save_encoder(exported, result.encoder_dir, extra=extra, card=_model_card(exported, extra))
     if env.is_main:
@@ -470,13 +474,16 @@ def pretrain(
 
 
 def _model_card(encoder: Encoder, extra: dict[str, Any]) -> str:
-    """The default card, plus what continued pre-training started from."""
+    """The default card, plus what continued pre-training started from and the teacher a student learnt from."""
     card = default_model_card(encoder_config(encoder, extra))
-    if "init_from" not in extra:
+    if "init_from" not in extra and "distilled_from" not in extra:
         return card
     lines = card.splitlines()
     at = next((i + 1 for i, line in enumerate(lines) if line.startswith("- Training:")), len(lines))
-    lines.insert(at, f"- Continued from: {extra['init_from']} (its encoder weights; fresh SSL heads)")
+    if "distilled_from" in extra:
+        lines.insert(at, f"- Distilled from: {extra['distilled_from']} (a frozen teacher; its weights are not here)")
+    if "init_from" in extra:
+        lines.insert(at, f"- Continued from: {extra['init_from']} (its encoder weights; fresh SSL heads)")
     return "\n".join(lines) + "\n"
 
 

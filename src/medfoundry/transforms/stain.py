@@ -28,11 +28,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from medfoundry.errors import DataError
+from medfoundry.extras import lazy
+
+# Imported on first use: the [stain] extra.
+NumpyMacenkoNormalizer = lazy("torchstain.numpy.normalizers", "stain", "NumpyMacenkoNormalizer")
 
 OnFailure = Literal["passthrough", "raise"]
 

@@ -16,13 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 
 from medfoundry.errors import DataError, ModelError
+from medfoundry.extras import lazy, require
 from medfoundry.io_utils import write_text_atomic
 
 log = logging.getLogger("medfoundry.vlm")
+
+# Imported on first use: the [vlm] extra (``import medfoundry.vlm`` and the CLI work without it).
+Tokenizer = lazy("tokenizers", "vlm", "Tokenizer")
+decoders, models = lazy("tokenizers.decoders", "vlm"), lazy("tokenizers.models", "vlm")
+normalizers, pre_tokenizers = lazy("tokenizers.normalizers", "vlm"), lazy("tokenizers.pre_tokenizers", "vlm")
+processors, trainers = lazy("tokenizers.processors", "vlm"), lazy("tokenizers.trainers", "vlm")
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -168,6 +174,7 @@ def build_text_model(
     vocab_size: int, max_tokens: int, width: int, layers: int, heads: int, dropout: float, pad_id: int
 ) -> nn.Module:
     """A small BERT encoder with random weights (the library class, so ``save_pretrained`` just works)."""
+    require("transformers", "vlm", "text models")
     from transformers import BertConfig, BertModel  # here: transformers takes seconds to import
 
     if width % heads:
@@ -190,6 +197,7 @@ def build_text_model(
 
 def load_text_model(folder: Path | str) -> nn.Module:
     """A local Hugging Face text checkpoint (never downloads; safetensors or weights_only loading by transformers)."""
+    require("transformers", "vlm", "text models")
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -218,6 +226,7 @@ def load_text_model(folder: Path | str) -> nn.Module:
 
 def save_text_model(model: nn.Module, folder: Path) -> None:
     """``save_pretrained`` (config.json + model.safetensors) into ``folder``."""
+    require("transformers", "vlm", "text models")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

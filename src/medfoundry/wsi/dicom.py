@@ -196,7 +196,7 @@ def _open_wsidicom(path: Path) -> Any:
         from wsidicom.errors import WsiDicomNoResolutionError, WsiDicomNotFoundError
     except ImportError:
         raise DataError(
-            "reading a DICOM WSI needs wsidicom, which is not installed (pip install wsidicom)", path
+            "reading a DICOM WSI needs wsidicom, which is not installed (pip install 'medfoundry[wsi]')", path
         ) from None
     if not path.exists():
         raise DataError("slide not found", path)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medfoundry.distributed import init_distributed
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.io_utils import hash_json, write_json_atomic
 from medfoundry.models import feature_cache as cache
@@ -34,6 +35,7 @@ from medfoundry.models.checkpoint import load_encoder_or_build, weights_hash
 from medfoundry.models.features import encode_batches, preprocessing_spec
 from medfoundry.transforms.stain import MacenkoNormalizer
 from medfoundry.wsi.dicom import is_dicom_slide_folder
+from medfoundry.wsi.sharding import Shard, claimed, merge_outcomes, resolve_shard, worker_position
 from medfoundry.wsi.tiling import SLIDE_FILE_SUFFIXES, ReadPlan, open_slide, read_patches, read_tile
 
 log = logging.getLogger("medfoundry.wsi")
@@ -193,8 +195,12 @@ def write_features(
     device: torch.device,
     bf16: bool,
     progress: Callable[[int], None] | None = None,
+    coords_attrs: dict[str, Any] | None = None,
 ) -> None:
-    """Embed every tile into ``final`` through the cache's temp file; ``final`` appears only when all rows are in."""
+    """Embed every tile into ``final`` through the cache's temp file; ``final`` appears only when all rows are in.
+
+    ``coords_attrs`` (the patches file's) go on ``coords`` as TRIDENT and CLAM put them on their feature files.
+    """
     loader = DataLoader(tiles, shuffle=False, **loader_options)
     rows = encode_batches(encoder, loader, device, bf16, tiles.slide_path, lambda row: f"tile {row}")
     with cache.writing(final, len(tiles), encoder.embed_dim, attrs, {"coords": tiles.coords}) as writer:
@@ -202,6 +208,7 @@ def write_features(
             writer.append(values)
             if progress is not None:
                 progress(len(values))
+        writer.dataset.file["coords"].attrs.update(coords_attrs or {})
 
 
 class SlideState:
@@ -298,7 +305,9 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
         "slide_path": str(Path(job.slide).resolve()),
     }
     with _progress_bar(job.stem, len(coords), ctx.progress) as advance:
-        write_features(ctx.encoder, tiles, final, out_attrs, ctx.loader_options, ctx.device, ctx.bf16, advance)
+        write_features(
+            ctx.encoder, tiles, final, out_attrs, ctx.loader_options, ctx.device, ctx.bf16, advance, coords_attrs=attrs
+        )
     seconds = time.perf_counter() - started
     durations = [*state.data.get("durations", []), round(seconds, 3)][-_HISTORY_LENGTH:]
     state.record(
@@ -331,18 +340,32 @@ def _progress_bar(label: str, total: int, enabled: bool) -> Iterator[Callable[[i
         yield lambda n: bar.advance(task, n)
 
 
-def default_workers(device: torch.device) -> int:
-    """Tile-reading worker processes when the user gives none.
+def default_workers(device: torch.device, cores: int | None = None) -> int:
+    """Tile-reading worker processes when the user gives none: as many as keep the encoder fed, no more.
 
-    On a GPU the encoder leaves the CPU free: 4 workers keep it fed. On a CPU the workers compete with the
-    encoder's own threads: on 2 cores, no worker was faster (benchmarks/wsi.py: 0.71 of the bare forward pass
-    against 0.58 with 2 workers), while on more cores one worker takes JPEG decoding (about 4 ms a tile) off the
-    main process, whose share of the time grows as the forward pass gets faster.
+    A worker reads and decodes one tile in about 4-8 ms (JPEG-compressed SVS at 224 px); the encoder's time per
+    tile sets how many it takes to keep up. Measured on the 2-core box (ViT-S/16 at 224 px, one torch thread,
+    under load): 8.5 ms to read a tile, 636 ms to encode it, a ratio near 1:75; a quiet core encodes one in
+    roughly 60 ms (4.6 GFLOPs), an estimated 1:15.
+
+    * GPU: the forward pass takes well under 1 ms a tile, so reading is the bottleneck and workers scale with
+      the cores: 0.75 x the usable cores, as TRIDENT does, leaving the rest to the main process (batching, the
+      copy to the device, HDF5 writes), at most 32 (each worker holds its own OpenSlide handle and prefetch).
+    * CPU: workers and the encoder's threads share the cores. Balancing W workers against C - W encoder threads
+      at 1:15 gives W ~ C / 16; one per 8 cores leaves slack for smaller encoders (ViT-Ti encodes ~4x faster),
+      at least 1 and at most 8. On 2 cores no worker was faster (benchmarks/wsi.py: 0.71 of the bare forward
+      pass against 0.58 with 2 workers): 0 there.
     """
-    cores = os.cpu_count() or 1
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))  # the cores this process may use (a batch job's share, not the node's)
+        except AttributeError:  # not on every platform
+            cores = os.cpu_count() or 1
     if device.type == "cuda":
-        return min(4, cores)
-    return 0 if cores <= 2 else 1
+        return max(1, min(32, int(0.75 * cores)))
+    if cores <= 2:
+        return 0
+    return max(1, min(8, cores // 8))
 
 
 def loader_options(
@@ -374,6 +397,7 @@ def embed_slides(
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     stain_reference: str | Path | None = None,
+    shard: str | Shard | None = None,
 ) -> EmbedSummary:
     """Embed every slide of ``patches_dir`` with ``model`` (registry name or checkpoint folder) into ``out_dir``.
 
@@ -382,14 +406,23 @@ def embed_slides(
     recorded and the run goes on. ``encoder`` (already built) replaces ``model`` for callers holding one.
     ``stain_reference`` (a JSON written by ``MacenkoNormalizer.save``) Macenko-normalises every tile before the
     encoder; tiles without enough tissue to estimate their stains pass through unchanged.
+
+    Several processes may share ``out_dir`` (torchrun ranks, ``shard`` "i/n" or a SLURM array's task, or plain
+    concurrent runs): each slide is claimed first, so none is done twice (:mod:`medfoundry.wsi.sharding`). Under
+    torchrun rank 0 writes the summary of all ranks once they are all done.
     """
     say = echo or log.info
+    env = init_distributed()
+    position, workers = worker_position(resolve_shard(shard), env)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(Path(patches_dir), slides)
     started = time.perf_counter()
     built = encoder if encoder is not None else load_encoder_or_build(model, in_chans=3, img_size=img_size)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None and env.enabled:
+        target = env.device  # one GPU per rank: cuda:LOCAL_RANK
+    else:
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     built = built.to(target).eval()
     ctx = EmbedContext(
         built,
@@ -403,8 +436,28 @@ def embed_slides(
         None if stain_reference is None else MacenkoNormalizer.load(stain_reference, on_failure="passthrough"),
     )
     summary = EmbedSummary()
-    for job in jobs:
+    for job in claimed(
+        jobs,
+        lambda job: job.stem,
+        out,
+        position,
+        workers,
+        say,
+        is_done=lambda job: is_embedded(job, ctx),
+        on_done_elsewhere=lambda job: summary.skipped.append(
+            {"slide": job.stem, "status": "skipped", "reason": "already done"}
+        ),
+    ):
         _run_job(job, ctx, summary, say)
+    merged = merge_outcomes(
+        {"done": summary.done, "skipped": summary.skipped, "failed": summary.failed},
+        env,
+        key=lambda row: row["slide"],
+        order=[job.stem for job in jobs],
+    )
+    summary = EmbedSummary(merged["done"], merged["skipped"], merged["failed"])
+    if not env.is_main:
+        return summary
     report = {
         "encoder": model,
         "encoder_weights_hash": ctx.encoder_hash,
@@ -417,6 +470,20 @@ def embed_slides(
     write_json_atomic(out / "embed_summary.json", report)
     say(f"embedded {len(summary.done)}, skipped {len(summary.skipped)} (already done), failed {len(summary.failed)}")
     return summary
+
+
+def is_embedded(job: SlideJob, ctx: EmbedContext) -> bool:
+    """Whether the slide's features file is complete and current; reads only (unlike :func:`embed_slide`, which
+    records a reuse in the slide's state)."""
+    final = ctx.out_dir / f"{job.stem}.h5"
+    if not final.is_file():
+        return False
+    try:
+        coords, attrs = read_patches(job.patches)
+    except DataError:
+        return False
+    key = output_key(ctx.encoder, ctx.encoder_hash, coords, attrs, ctx.stain)
+    return cache.is_current(final, key, len(coords), ("coords",))
 
 
 def _one_line(error: Exception, job: SlideJob) -> str:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -28,6 +28,9 @@ from PIL import Image, ImageDraw
 
 from medfoundry.errors import DataError
 from medfoundry.io_utils import atomic_path, write_json_atomic
+
+if TYPE_CHECKING:  # imported where used: sharding brings torch, which tiling alone does not need
+    from medfoundry.wsi.sharding import Shard
 
 log = logging.getLogger("medfoundry.wsi")
 
@@ -97,9 +100,10 @@ def open_slide(path: Path):  # noqa: ANN201 - openslide's type is not exported w
     A ``.dcm`` file or a folder (the instances of one DICOM slide) opens as a
     :class:`~medfoundry.wsi.dicom.DicomSlide`, which answers the same calls through wsidicom.
     """
-    import openslide
-
+    from medfoundry.extras import require
     from medfoundry.wsi.dicom import DicomSlide, is_dicom_slide
+
+    openslide = require("openslide", "wsi", "reading whole-slide images")
 
     path = Path(path)
     if not path.exists():
@@ -359,6 +363,13 @@ def coords_attrs(slide, plan: ReadPlan, name: str, source: Path) -> dict[str, An
         "level0_mpp": plan.base_mpp,
         "name": name,
         "slide_path": str(Path(source).resolve()),
+        # CLAM's names (Whole_Slide_Bag_FP reads ``patch_level``; its ``patch_size`` means pixels at that level,
+        # ours the output size: the two agree when ``read_size == patch_size``, and `wsi export-features --layout
+        # clam` writes CLAM's meaning).
+        "patch_level": plan.level,
+        "downsample": np.array([plan.level_downsample, plan.level_downsample], dtype=np.float64),
+        "level_dim": np.array(slide.level_dimensions[plan.level], dtype=np.int64),
+        "downsampled_level_dim": np.array(slide.level_dimensions[plan.level], dtype=np.int64),
     }
 
 
@@ -481,17 +492,50 @@ def tile_slides(
     min_tissue: float = 0.5,
     mpp_override: float | None = None,
     echo: Callable[[str], None] | None = None,
+    shard: str | Shard | None = None,
 ) -> TileSummary:
-    """Tile every slide; a bad slide is skipped with a one-line reason. Writes ``out_dir/tile_summary.json``."""
+    """Tile every slide; a bad slide is skipped with a one-line reason. Writes ``out_dir/tile_summary.json``.
+
+    A slide already tiled into ``out_dir`` with the same settings is kept (``state/<stem>.json`` records them).
+    Several processes may share ``out_dir`` (torchrun ranks, ``shard`` "i/n" or a SLURM array's task): each slide
+    is claimed first (:mod:`medfoundry.wsi.sharding`), and under torchrun rank 0 writes the summary of all ranks.
+    """
+    from medfoundry.distributed import init_distributed
+    from medfoundry.wsi.sharding import claimed, merge_outcomes, resolve_shard, worker_position
+
     out_dir = Path(out_dir)
     say = echo or log.info
+    env = init_distributed()
+    position, workers = worker_position(resolve_shard(shard), env)
+    settings = {"mpp": mpp, "tile_size": tile_size, "min_tissue": min_tissue, "mpp_override": mpp_override}
     summary = TileSummary()
     seen: dict[str, Path] = {}
-    for source in expand_slides(slides):
+    unique: list[Path] = []
+    sources = expand_slides(slides)
+    # Decided before any claim, in input order, so every worker agrees on which of two same-named slides is tiled.
+    for source in sources:
         if slide_stem(source) in seen:
             reason = f"same name as {seen[slide_stem(source)]}; output files are named by slide stem"
             summary.skipped.append((source, reason))
             say(f"skipped {source}: {reason}")
+            continue
+        seen[slide_stem(source)] = source
+        unique.append(source)
+
+    def kept(source: Path) -> TileResult | None:
+        return _tiled_before(source, out_dir, settings)
+
+    def done_elsewhere(source: Path) -> None:
+        result = kept(source)
+        if result is not None:
+            summary.done.append(result)
+
+    owned = claimed(unique, slide_stem, out_dir, position, workers, say, lambda s: kept(s) is not None, done_elsewhere)
+    for source in owned:
+        result = kept(source)
+        if result is not None:
+            summary.done.append(result)
+            say(f"{source}: already tiled with these settings, kept")
             continue
         try:
             result = tile_slide(source, out_dir, mpp, tile_size, min_tissue, mpp_override)
@@ -499,14 +543,46 @@ def tile_slides(
             summary.skipped.append((source, _reason(error)))
             say(f"skipped {error}")
             continue
-        seen[slide_stem(source)] = source
+        write_json_atomic(_tile_record(out_dir, source), {"settings": settings, "result": _result_dict(result)})
         summary.done.append(result)
         say(f"{source}: {result.tiles} tiles at level {result.level} ({result.seconds:.1f} s)")
+    merged = merge_outcomes(
+        {"done": summary.done, "skipped": summary.skipped},
+        env,
+        key=lambda row: str(row.slide if isinstance(row, TileResult) else row[0]),
+        order=[str(source) for source in sources],
+    )
+    summary = TileSummary(merged["done"], merged["skipped"])
+    if not env.is_main:
+        return summary
     write_json_atomic(
         out_dir / "tile_summary.json",
         {"mpp": mpp, "tile_size": tile_size, "min_tissue": min_tissue, **summary.as_dict()},
     )
     return summary
+
+
+def _tile_record(out_dir: Path, source: Path) -> Path:
+    return out_dir / "state" / f"{slide_stem(source)}.json"
+
+
+def _result_dict(result: TileResult) -> dict[str, Any]:
+    return {**asdict(result), **{k: str(getattr(result, k)) for k in ("slide", "patches", "thumbnail")}}
+
+
+def _tiled_before(source: Path, out_dir: Path, settings: dict[str, Any]) -> TileResult | None:
+    """The recorded result when ``source`` was tiled into ``out_dir`` with ``settings`` and its files are there."""
+    import json
+
+    try:
+        record = json.loads(_tile_record(out_dir, source).read_text(encoding="utf-8"))
+        row = record["result"]
+        same = record["settings"] == settings and Path(row["slide"]).resolve() == Path(source).resolve()
+        files = Path(row["patches"]), Path(row["thumbnail"])
+        result = TileResult(Path(source), *files, int(row["tiles"]), int(row["level"]), float(row["seconds"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return result if same and result.patches.is_file() and result.thumbnail.is_file() else None
 
 
 def _reason(error: DataError) -> str:

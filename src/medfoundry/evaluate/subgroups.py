@@ -1,0 +1,165 @@
+"""Subgroup analysis of a cell's test predictions: every metric per group of a metadata column (site, scanner, sex,
+DME risk, bacterial vs viral pneumonia ...) with patient-bootstrap CIs, the worst group, and the gap between the best
+and the worst group with its own CI.
+
+The groups are scored on the same resamples of the whole test set's patients: each resample's weights are masked
+to one group at a time, so a group's CI and the gap's CI come from one joint bootstrap (the gap's draws are the
+difference of the two groups' draws on each resample). A gap whose CI excludes 0 is flagged. A group with fewer
+than ``min_group_size`` test cases is reported as too small, never as a number; a metric undefined on a group (a
+group holding one class, for AUROC) is reported as undefined.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfoundry.errors import DataError
+from medfoundry.evaluate.metrics import (
+    LOWER_IS_BETTER,
+    METRICS,
+    THRESHOLDED_METRICS,
+    bootstrap_values,
+    decide,
+    percentile_interval,
+    resample_weights,
+)
+
+_BETWEEN_CLASSES = frozenset({"auroc", "f1", "kappa"})
+TOO_SMALL = "too_small"
+UNDEFINED = "undefined"
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class SubgroupSettings:
+    columns: tuple[str, ...]
+    min_group_size: int = 10
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+def check_subgroups(
+    metadata: dict[str, list[str]] | None, columns: Sequence[str], min_group_size: int, source: Path | str | None
+) -> list[str]:
+    """Raise one line naming the file and column when a declared column is missing or has fewer than two groups of
+    ``min_group_size`` cases (no gap can be estimated); return a one-line note per group that is too small."""
+    found = sorted(metadata or {})
+    notes = []
+    for column in columns:
+        if metadata is None or column not in metadata:
+            raise DataError(
+                f"subgroup column {column!r} not found in the test cases' metadata; columns found: {found}", source
+            )
+        names, counts = np.unique(np.asarray(metadata[column]), return_counts=True)
+        large = [str(n) for n, c in zip(names, counts, strict=True) if c >= min_group_size]
+        if len(large) < 2:
+            sizes = ", ".join(f"{n}: {c}" for n, c in zip(names, counts, strict=True))
+            raise DataError(
+                f"subgroup column {column!r} has fewer than two groups of at least min_group_size={min_group_size} "
+                f"test cases ({sizes}); no gap can be estimated",
+                source,
+            )
+        notes += [
+            f"{source}: subgroup column {column!r}, group {str(n)!r} has {c} test case(s), below "
+            f"min_group_size={min_group_size}: reported as too small"
+            for n, c in zip(names, counts, strict=True)
+            if c < min_group_size
+        ]
+    return notes
+
+
+def _better_sign(metric: str) -> float:
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
+def _score_groups(
+    metric: str,
+    y: np.ndarray,
+    proba: np.ndarray,
+    groups: np.ndarray,
+    names: list[str],
+    patient_index: np.ndarray,
+    n_patients: int,
+    settings: SubgroupSettings,
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Each group's point value, CI and status, and the bootstrap draws of the groups that have a value."""
+    rows: list[dict[str, Any]] = []
+    masks = {name: groups == name for name in names}
+    scored = [n for n in names if masks[n].sum() >= settings.min_group_size]
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in scored}
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        # A group absent from a resample has no value there: a NaN draw, counted as skipped.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for weights in resample_weights(patient_index, n_patients, settings.n_bootstrap, settings.seed):
+            for name in scored:
+                chunks[name].append(bootstrap_values(metric, y, proba, weights * masks[name]))
+        draws = {name: np.concatenate(chunks[name]) if chunks[name] else np.zeros(0) for name in scored}
+        for name in names:
+            mask = masks[name]
+            row: dict[str, Any] = {"group": name, "n": int(mask.sum()), "n_patients": len(set(patient_index[mask]))}
+            if name not in scored:
+                rows.append({**row, "status": TOO_SMALL, "value": None, "ci_low": None, "ci_high": None})
+                continue
+            point = float(METRICS[metric](y[mask], proba[mask]))
+            # F1, kappa or AUROC of a group holding one class compare classes it does not have (F1 of a group of
+            # negatives is 0 whatever the model does): undefined, not a low number.
+            one_class = y.ndim == 1 and metric in _BETWEEN_CLASSES and np.unique(y[mask]).shape[0] < 2
+            if one_class or not np.isfinite(point):
+                draws.pop(name)
+                rows.append({**row, "status": UNDEFINED, "value": None, "ci_low": None, "ci_high": None})
+                continue
+            value = percentile_interval(point, draws[name], settings.n_bootstrap, settings.confidence)
+            rows.append({**row, "status": OK, "value": value.value, "ci_low": value.ci_low, "ci_high": value.ci_high})
+    return rows, draws
+
+
+def subgroup_analysis(
+    labels: np.ndarray,
+    proba: np.ndarray,
+    patient_ids: Sequence[Hashable],
+    metadata: dict[str, list[str]],
+    metrics: Sequence[str],
+    settings: SubgroupSettings,
+    threshold: float | None = None,
+) -> list[dict[str, Any]]:
+    """One entry per (column, metric): the groups' values with CIs, the worst and best group, the gap between them
+    with its CI (positive: the best group is better) and whether that CI excludes 0."""
+    y = np.asarray(labels)
+    proba = np.asarray(proba, dtype=np.float64)
+    _, patient_index = np.unique(np.asarray([str(p) for p in patient_ids]), return_inverse=True)
+    n_patients = int(patient_index.max()) + 1
+    decisions = decide(proba, threshold) if threshold is not None else proba
+    out = []
+    for column in settings.columns:
+        groups = np.asarray(metadata[column])
+        names = [str(n) for n in np.unique(groups)]
+        for metric in metrics:
+            inputs = decisions if metric in THRESHOLDED_METRICS else proba
+            rows, draws = _score_groups(metric, y, inputs, groups, names, patient_index, n_patients, settings)
+            entry: dict[str, Any] = {"column": column, "metric": metric, "groups": rows}
+            valued = [r for r in rows if r["status"] == OK]
+            if len(valued) >= 2:
+                sign = _better_sign(metric)
+                worst = min(valued, key=lambda r: sign * r["value"])
+                best = max(valued, key=lambda r: sign * r["value"])
+                gap_draws = sign * (draws[best["group"]] - draws[worst["group"]])
+                gap = percentile_interval(
+                    sign * (best["value"] - worst["value"]), gap_draws, settings.n_bootstrap, settings.confidence
+                )
+                entry.update(
+                    worst_group=worst["group"],
+                    best_group=best["group"],
+                    gap={"value": gap.value, "ci_low": gap.ci_low, "ci_high": gap.ci_high},
+                    gap_excludes_zero=bool(np.isfinite(gap.ci_low) and gap.ci_low > 0),
+                )
+            else:
+                entry.update(worst_group=None, best_group=None, gap=None, gap_excludes_zero=False)
+            out.append(entry)
+    return out
