@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from medfoundry.bench.probe import encoder_from_text
 from medfoundry.bench.robustness import RobustnessConfig, neighbours, run_robustness
 from medfoundry.config import TaskConfig
 from medfoundry.errors import DataError
+from medfoundry.evaluate.results import read_results
 from medfoundry.transforms.shifts import PRESETS, apply_shift, parse_shifts
 from medfoundry.transforms.stain import MacenkoNormalizer
 
@@ -94,7 +94,13 @@ def test_run_robustness_end_to_end_and_resumes(breastmnist_npz: Path, tmp_path: 
     )
     out = run_robustness(config)
     assert (out.cells_computed, out.cells_reused) == (3, 0)
-    saved = json.loads(out.json_path.read_text())
+    # results.json in the schema of every run: the clean probe as a record, the analysis in the task's metadata.
+    results = read_results(out.json_path)
+    assert out.json_path.name == "results.json"
+    ((model, metric),) = {(r.model, r.metric) for r in results.records}
+    assert (model, metric) == ("vit_tiny_28", "auroc")
+    saved = results.metadata["tasks"]["breast"]["robustness"]
+    assert {"encoders", "shifts", "settings", "records", "headline_metric"} <= set(saved)
     records = {(r["shift"], r["severity"], r["metric"]): r for r in saved["records"]}
     none = {metric: records[("noise", 0.0, metric)]["value"] for metric in ("cosine", "top1_agreement", "flip_rate")}
     assert none == pytest.approx({"cosine": 1.0, "top1_agreement": 1.0, "flip_rate": 0.0}, abs=1e-5)
@@ -105,13 +111,13 @@ def test_run_robustness_end_to_end_and_resumes(breastmnist_npz: Path, tmp_path: 
     assert {"top5_agreement", "delta_auroc"} <= {r["metric"] for r in saved["records"]}
     assert saved["encoders"]["vit_tiny_28"]["clean"]["auroc"]["value"] > 0
     html = out.report_path.read_text()
-    assert html.count("data:image/png;base64") == 5 and "Probe flip rate" in html  # cosine, top1, top5, flip, delta
+    assert "Robustness to image shifts" in html and "Probe flip rate" in html and "Top-5 retrieval agreement" in html
 
     # A killed run resumes: finished cells are reused, a missing one is recomputed, the numbers are the same.
     (tmp_path / "out" / "robustness" / "cells" / "vit_tiny_28" / "window-0.4.json").unlink()
     again = run_robustness(config)
     assert (again.cells_computed, again.cells_reused) == (1, 2)
-    assert json.loads(again.json_path.read_text())["records"] == saved["records"]
+    assert read_results(again.json_path).metadata["tasks"]["breast"]["robustness"]["records"] == saved["records"]
 
 
 def test_cli_rejects_missing_encoder(breastmnist_npz: Path) -> None:

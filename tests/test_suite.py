@@ -203,3 +203,23 @@ def test_multilabel_task_runs_probes_and_lora(shared_data: Path, tmp_path: Path)
 
     with pytest.raises(DataError, match="multi-label targets have no class means"):
         PrototypeClassifier().fit(np.zeros((4, 3)), np.array([[0, 1], [1, 0], [1, 1], [0, 0]]))
+
+
+def test_finetune_and_scratch_cells_validate_on_their_own_label_fraction(breastmnist_npz: Path) -> None:
+    """At 1% and 10% labels a fine-tuned or from-scratch network picks its best epoch and threshold on the same
+    fraction of the val split (stratified, two per class at least), never on the whole val split."""
+    from medfoundry.bench.classification import val_budget
+
+    config = SuiteConfig.model_validate(
+        {"name": "x", "output_dir": "runs/x", "tasks": [{"name": "b", "source": str(breastmnist_npz)}]}
+    )
+    task = load_task(config.tasks[0])
+    val_ids = set(task.val.ids)
+    sizes = {}
+    for fraction in (0.01, 0.1):
+        chosen = val_budget(task, config, fraction, seed=0)
+        assert set(chosen.ids) <= val_ids and np.bincount(np.asarray(chosen.labels)).min() >= 2
+        assert set(val_budget(task, config, fraction, seed=0).ids) == set(chosen.ids)  # same seed, same images
+        sizes[fraction] = len(chosen)
+    assert sizes[0.01] == 4 and sizes[0.1] == round(0.1 * len(task.val)) < len(task.val)
+    assert val_budget(task, config, 1.0, seed=0) is task.val

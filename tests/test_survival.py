@@ -13,7 +13,7 @@ import yaml
 
 from medfoundry.bench.engine import load_task, run_suite
 from medfoundry.config import SuiteConfig, TaskConfig
-from medfoundry.errors import DataError
+from medfoundry.errors import DataError, MedfoundryError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUITE = REPO_ROOT / "configs" / "suites" / "tcga_crc_survival.yaml"
@@ -67,7 +67,23 @@ def test_tcga_suite_features_vs_stage_and_resume(tcga_table: Path, tmp_path: Pat
         "c_index",
     )
     assert comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
-    assert "Kaplan-Meier curves of predicted risk groups" in first.report_path.read_text()
+    report = first.report_path.read_text()
+    assert "Kaplan-Meier curves of predicted risk groups" in report
+
+    # Harrell's C per tumour site, sex and MSI status of the test patients, from the table's own columns.
+    subgroups = task["subgroups"]
+    assert subgroups["columns"] == ["tumor_tissue_site", "gender", "msi_status"]
+    assert subgroups["groups"]["gender"] == ["female", "male"] and "missing" in subgroups["groups"]["msi_status"]
+    entries = {(c["model"], c["column"]): c for c in subgroups["cells"]}
+    assert set(entries) == {(m, c) for m in ("tissue-composition", "stage-only") for c in subgroups["columns"]}
+    sex = entries[("tissue-composition", "gender")]
+    assert sex["metric"] == "c_index" and sum(g["n"] for g in sex["groups"]) == 97
+    for group in sex["groups"]:
+        assert group["status"] == "ok" and group["ci_low"] <= group["value"] <= group["ci_high"]
+    assert sex["gap"]["ci_low"] <= sex["gap"]["value"] <= sex["gap"]["ci_high"]
+    sizes = {g["group"]: (g["n"], g["status"]) for g in entries[("stage-only", "tumor_tissue_site")]["groups"]}
+    assert sizes["missing"][1] == "too_small"  # fewer than min_group_size test patients: no number
+    assert "Subgroups" in report
 
     predictions = sorted((tmp_path / "run" / "tasks" / "tcga_crc_os" / "predictions").glob("*.csv"))
     header, *rows = predictions[0].read_text().splitlines()
@@ -173,3 +189,27 @@ def test_good_small_table_loads_and_sections_are_checked(tmp_path: Path) -> None
         TaskConfig(name="x", kind="survival", source=str(path))
     with pytest.raises(ValueError, match="survival.time_column"):
         TaskConfig(name="x", kind="survival", source=str(path), survival={"event_column": "e", "patient_column": "p"})
+
+
+def test_subgroup_columns_come_from_the_table_and_bad_ones_are_one_line(tmp_path: Path) -> None:
+    rows = [f"{r},{'colon' if i % 2 else ''}" for i, r in enumerate(_good_rows())]
+    path = _table(tmp_path, rows, header="patient,time,event,split,f1,site")
+    task = load_task(
+        TaskConfig(name="ok", kind="survival", source=str(path), survival=SECTION, subgroups=["site"], min_group_size=2)
+    )
+    assert task.test.metadata == {"site": ["missing", "colon", "missing", "colon"]}  # an empty cell: "missing"
+    with pytest.raises(DataError, match=r"survival\.csv: column 'sex' is missing"):
+        load_task(TaskConfig(name="bad", kind="survival", source=str(path), survival=SECTION, subgroups=["sex"]))
+    with pytest.raises(DataError, match=r"survival\.csv: subgroup column 'site' has fewer than two groups"):
+        load_task(TaskConfig(name="bad", kind="survival", source=str(path), survival=SECTION, subgroups=["site"]))
+    with pytest.raises(MedfoundryError, match="subgroup columns come from its own table"):
+        load_task(
+            TaskConfig(
+                name="bad",
+                kind="survival",
+                source=str(path),
+                survival=SECTION,
+                subgroups=["site"],
+                subgroup_file=str(path),
+            )  # fmt: skip
+        )

@@ -125,7 +125,8 @@ class TaskSource(StrictModel):
     subgroups: list[str] = Field(
         default_factory=list,
         description="classification: per-sample metadata columns (manifest columns, folder group_regex groups, "
-        "subgroup_file columns) whose groups every metric is reported for (docs/subgroups.md)",
+        "subgroup_file columns) whose groups every metric is reported for; survival: columns of the survival "
+        "table, Harrell's C per group (docs/subgroups.md)",
     )
     subgroup_file: str | None = Field(
         None, description="CSV of per-sample metadata joined to the test cases by sample id (subgroup_id_column)"

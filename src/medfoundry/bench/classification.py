@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from medfoundry.bench.grid import Cell, LabelBudgets, grid_cells
 from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
 from medfoundry.bench.tasks import Task, is_feature_set, labels_of, open_splits
 from medfoundry.config import EncoderConfig, EvaluateConfig, SuiteConfig, TaskConfig
+from medfoundry.data.sample import ImageSet
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.calibration import CalibrationSettings, calibration_analysis
 from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore
@@ -80,6 +82,25 @@ class ProbaOutput(CellOutput):
 
 def budgets(config: SuiteConfig) -> LabelBudgets:
     return LabelBudgets(list(config.adapt.label_fractions), list(config.adapt.seeds), config.adapt.min_per_class)
+
+
+# Part of the inputs of fine-tuning and from-scratch cells: their early stopping and decision threshold use a
+# validation subset of the cell's own label fraction (cells stored before, on the whole val split, recompute).
+VAL_PROTOCOL = "val-subset-of-the-label-fraction-1"
+
+
+def val_budget(task: Task, config: SuiteConfig, fraction: float, seed: int) -> ImageSet:
+    """The validation images a fine-tuning or from-scratch cell may look at: the same fraction of the val split as
+    of the train split (stratified, at least ``min_per_class`` per class, drawn with the cell's seed).
+
+    A network trained on 1% of the labels must not choose its best epoch and threshold on a validation split 30
+    times larger than its training set: a user with that few labels has no such split, so the number would
+    flatter low-label results. The probes choose their regularisation by cross-validation inside the labelled
+    subset instead (adapt/selection.py)."""
+    if fraction >= 1.0:
+        return task.val
+    chosen = budgets(config).subset(np.asarray(task.val.labels), fraction, seed)
+    return task.val.subset(chosen, f"{task.val.name}[{fraction:g}, seed {seed}]")
 
 
 @dataclass
@@ -195,37 +216,40 @@ class ClassificationKind(TaskKind[Task]):
             return
         tune = config.finetune
 
-        def finetune(adapter: str, subset: np.ndarray, seed: int) -> CellOutput:
+        def finetune(adapter: str, subset: np.ndarray, seed: int, fraction: float) -> CellOutput:
             mode = adapter.removeprefix("finetune-")
             tuner = FineTuner(encoder, task.n_classes, mode=mode, seed=seed, **tune.model_dump(exclude={"modes"}))
-            tuner.fit(task.train.subset(subset), task.val)
+            tuner.fit(task.train.subset(subset), val_budget(task, config, fraction, seed))
             proba = tuner.predict_proba(task.test)
             val_proba = tuner.predict_proba(task.val)
             return ProbaOutput(proba, len(subset), tuner.trainable_parameters_, tuner.threshold_, val_proba)
 
         modes = [f"finetune-{mode}" for mode in tune.modes]
-        inputs = [*identity, tune.model_dump(mode="json"), CELL_EXTRAS]
-        yield from grid_cells(
-            spec.name, modes, budgets(config), y_train, inputs, finetune, config.finetune_label_fractions
-        )
+        inputs = [*identity, tune.model_dump(mode="json"), CELL_EXTRAS, VAL_PROTOCOL]
+        for mode in modes:
+            for fraction in config.finetune_label_fractions or budgets(config).fractions:
+                fit = partial(finetune, fraction=fraction)
+                yield from grid_cells(spec.name, [mode], budgets(config), y_train, inputs, fit, [fraction])
 
     def baseline_cells(self, ctx: EngineContext, task: Task) -> Iterator[Cell]:
         baseline = ctx.config.supervised_baseline
         if baseline is None or not baseline.enabled or task.precomputed:
             return
 
-        def from_scratch(adapter: str, subset: np.ndarray, seed: int) -> CellOutput:
+        def from_scratch(adapter: str, subset: np.ndarray, seed: int, fraction: float) -> CellOutput:
             model = SupervisedFromScratch(baseline, task.train.num_channels, task.n_classes, seed)
-            model.fit(task.train.subset(subset), task.val)
+            model.fit(task.train.subset(subset), val_budget(task, ctx.config, fraction, seed))
             proba = model.predict_proba(task.test)
             val_proba = model.predict_proba(task.val)
             return ProbaOutput(proba, len(subset), model.trainable_parameters_, model.threshold_, val_proba)
 
-        inputs = [baseline.model_dump(mode="json"), CELL_EXTRAS]
+        inputs = [baseline.model_dump(mode="json"), CELL_EXTRAS, VAL_PROTOCOL]
         model = scratch_model_name(ctx.config)
-        yield from grid_cells(
-            model, ["supervised"], budgets(ctx.config), np.asarray(task.train.labels), inputs, from_scratch
-        )
+        for fraction in budgets(ctx.config).fractions:
+            fit = partial(from_scratch, fraction=fraction)
+            yield from grid_cells(
+                model, ["supervised"], budgets(ctx.config), np.asarray(task.train.labels), inputs, fit, [fraction]
+            )
 
     def comparisons(self, ctx: EngineContext, task: Task, records: list[Any]) -> list[dict[str, Any]]:
         if isinstance(task, ClassificationTask):

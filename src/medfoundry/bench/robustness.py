@@ -14,13 +14,15 @@ one feature extractor (the shifted set has its own cache key) and compared with 
 
 Every value has a patient-bootstrap CI (the test set's patients resampled, as everywhere in medfoundry). Each
 (encoder, shift, severity) is one cell JSON under ``robustness/cells/``, reused while its fingerprint (weights,
-data, shift, settings) holds, so a killed run resumes; ``robustness.json`` and ``report.html`` are rebuilt from the
-cells at the end. Layout of ``output_dir``::
+data, shift, settings) holds, so a killed run resumes; ``results.json`` and ``report.html`` are rebuilt from the
+cells at the end. ``results.json`` has the schema of every run (docs/results-schema.md): one record per encoder for
+the probe's clean headline metric, and the robustness analysis under ``metadata.tasks.<task>.robustness``, which
+the report's Robustness section draws. Layout of ``output_dir``::
 
     embeddings/<encoder>/<task>/{train,val,test}.h5     clean features (the engine's layout, shared with probe)
     embeddings/<encoder>/<task>/shift-<shift>-<severity>.h5
     robustness/cells/<encoder>/<shift>-<severity>.json
-    robustness.json, report.html
+    results.json, report.html
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from medfoundry.data.sample import ImageSet
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.compare import paired_difference
 from medfoundry.evaluate.metrics import MetricValue, compute_metrics, percentile_interval, resample_weights
+from medfoundry.evaluate.results import ResultRecord, ResultsFile, records_from_metrics, run_metadata, write_results
 from medfoundry.io_utils import hash_json, output_folder, write_json_atomic
 from medfoundry.models.backbones import Encoder
 from medfoundry.models.checkpoint import weights_hash
@@ -54,7 +57,6 @@ from medfoundry.transforms.shifts import SHIFTS, apply_shift
 from medfoundry.transforms.stain import MacenkoNormalizer
 
 Echo = Callable[[str], None]
-SCHEMA_VERSION = 1
 # Bumped when a cell's metrics are computed differently, so older cells are recomputed rather than mixed in.
 _CELL_VERSION = 1
 
@@ -258,7 +260,7 @@ def run_robustness(config: RobustnessConfig, echo: Echo = lambda line: None) -> 
     """Embed the task's test images under every shift and severity for every encoder; write the metrics
     (``robustness.json``) and their plots (``report.html``). Reuses finished cells; see the module docstring."""
     from medfoundry.bench.engine import prepare_encoder
-    from medfoundry.report.robustness import render_robustness_report
+    from medfoundry.report.html import render_report
 
     unknown = [name for name in config.shifts if name not in SHIFTS]
     if unknown:
@@ -273,6 +275,7 @@ def run_robustness(config: RobustnessConfig, echo: Echo = lambda line: None) -> 
         suite = _encoders(config)
         encoders: dict[str, Any] = {}
         cells: list[dict[str, Any]] = []
+        records: list[ResultRecord] = []
         for spec in config.encoders:
             encoder: Encoder = prepare_encoder(suite, spec, {task.name: task}, False, echo)
             folder = config.output_dir / "embeddings" / spec.name / task.name
@@ -292,6 +295,10 @@ def run_robustness(config: RobustnessConfig, echo: Echo = lambda line: None) -> 
                 config.seed,
             )
             encoders[spec.name] = {"clean": {metric: _metric(scores[metric])}, "embed_dim": int(encoder.embed_dim)}
+            records += records_from_metrics(
+                {metric: scores[metric]}, task=task.name, model=spec.name, adapter="linear", label_fraction=1.0,
+                seed=config.seed, n_train=len(task.train), n_test=len(task.test),
+            )  # fmt: skip
             base = {
                 "version": _CELL_VERSION,
                 "weights": weights_hash(encoder.backbone),
@@ -342,8 +349,18 @@ def run_robustness(config: RobustnessConfig, echo: Echo = lambda line: None) -> 
                     cells.append(cell)
         seconds = time.perf_counter() - started
         data = _results(config, task, metric, encoders, cells, reference is not None, seconds)
-        json_path = write_json_atomic(config.output_dir / "robustness.json", data)
-        report_path = render_robustness_report(data, config.output_dir / "report.html")
+        results = ResultsFile(
+            records=records,
+            metadata=run_metadata(
+                config=config.model_dump(mode="json"),
+                durations={"robustness": seconds},
+                dataset=config.name,
+                primary_metric={task.name: metric},
+                tasks={task.name: {**task.metadata(), "robustness": data}},
+            ),
+        )
+        json_path = write_results(config.output_dir / "results.json", results)
+        report_path = render_report(results, config.output_dir / "report.html", f"Feature robustness: {task.name}")
     return RobustnessOutput(config.output_dir, json_path, report_path, data, computed, reused, seconds)
 
 
@@ -369,10 +386,7 @@ def _results(
         for name, value in cell["metrics"].items()
     ]
     return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "robustness",
-        "name": config.name,
-        "task": {"name": task.name, **task.metadata(), "headline_metric": metric},
+        "headline_metric": metric,
         "encoders": encoders,
         "shifts": {
             name: {

@@ -43,10 +43,11 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -58,6 +59,7 @@ from medfoundry.bench.task_parts import ConfiguredTask, KindScorer
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore
 from medfoundry.evaluate.metrics import MetricValue, percentile_interval, resample_weights
+from medfoundry.evaluate.subgroups import SubgroupSettings, check_subgroups, subgroup_entry
 from medfoundry.extras import require
 from medfoundry.io_utils import write_text_atomic
 from medfoundry.mil.models import MIL_MODELS
@@ -161,6 +163,8 @@ class SurvivalData:
     baseline_names: list[str] = field(default_factory=list)
     # Each patient's tiles (all their slides), when the task reads slide bags.
     bags: list[np.ndarray] | None = None
+    # The task's subgroup columns (site, sex, MSI status ...), as text; an empty cell is the group "missing".
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +175,7 @@ class SurvivalCases:
     patient_ids: list[str]
     time: np.ndarray
     event: np.ndarray
+    metadata: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -188,6 +193,9 @@ class SurvivalTask(ConfiguredTask):
     precomputed: bool = True
     # Kaplan-Meier curves of the predicted risk groups, per model, filled in after the cells ran (comparisons).
     risk_groups: dict[str, Any] = field(default_factory=dict)
+    # Harrell's C per subgroup of config.subgroups, filled in after the cells ran; notes on groups too small.
+    subgroups: dict[str, Any] = field(default_factory=dict)
+    subgroup_notes: list[str] = field(default_factory=list)
 
     @property
     def model_name(self) -> str:
@@ -214,7 +222,8 @@ class SurvivalTask(ConfiguredTask):
     def cases(self, role: str) -> SurvivalCases:
         index = self.splits.get(role, np.zeros(0, dtype=np.int64))
         ids = [self.data.patients[i] for i in index]
-        return SurvivalCases(ids, ids, self.data.time[index], self.data.event[index])
+        metadata = {column: [values[i] for i in index] for column, values in self.data.groups.items()}
+        return SurvivalCases(ids, ids, self.data.time[index], self.data.event[index], metadata)
 
     @cached_property
     def train(self) -> SurvivalCases:
@@ -266,6 +275,7 @@ class SurvivalTask(ConfiguredTask):
             "dropped_incomplete": self.data.dropped,
             "horizons": dict(self.settings.horizons),
             "survival": {"risk_groups": self.risk_groups},
+            **({"subgroups": self.subgroups} if self.subgroups else {}),
         }
 
     def describe(self) -> str:
@@ -380,11 +390,13 @@ def encode_baseline(baseline: np.ndarray, names: list[str], encoding: str) -> tu
     return np.column_stack(columns), out_names
 
 
-def load_survival_table(source: Path, settings: SurvivalConfig) -> SurvivalData:
-    """The complete cases of ``source``; a DataError naming the file and the column for each kind of bad input."""
+def load_survival_table(source: Path, settings: SurvivalConfig, group_columns: Sequence[str] = ()) -> SurvivalData:
+    """The complete cases of ``source``; a DataError naming the file and the column for each kind of bad input.
+    ``group_columns`` (the task's subgroups) are read as text, an empty cell as the group "missing"."""
     table = _read_csv(source)
     s = settings
     named = [s.time_column, s.event_column, s.patient_column, *s.baseline_features, *(s.feature_columns or [])]
+    named += list(group_columns)
     named += [s.split_column] if s.split_column else []
     missing = [c for c in dict.fromkeys(named) if c not in table.columns]
     if missing:
@@ -454,7 +466,12 @@ def load_survival_table(source: Path, settings: SurvivalConfig) -> SurvivalData:
         dropped=int((~complete).sum()),
         baseline_names=baseline_names,
         bags=[bags[i] for i in keep] if bags is not None else None,  # type: ignore[misc]  # complete: not None
+        groups={c: [_group_name(table[c].iloc[i]) for i in keep] for c in group_columns},
     )
+
+
+def _group_name(value: Any) -> str:
+    return "missing" if value is None or value != value or str(value).strip() == "" else str(value).strip()
 
 
 def survival_splits(
@@ -706,14 +723,24 @@ class SurvivalKind(TaskKind[SurvivalTask]):
         mil = [a for a in settings.adapters if a.startswith(MIL_PREFIX)]
         if mil and settings.bags is None:
             raise MedfoundryError(f"task '{config.name}': adapter {mil[0]} needs slide bags (survival.bags)")
-        data = load_survival_table(Path(config.source), settings)
+        if config.subgroup_file:
+            raise MedfoundryError(
+                f"task '{config.name}': a survival task's subgroup columns come from its own table; "
+                "drop subgroup_file and add the columns to the survival CSV"
+            )
+        data = load_survival_table(Path(config.source), settings, config.subgroups)
         known = _metric_names(settings)
         metrics = list(config.metrics or known)
         unknown = [m for m in metrics if m not in known]
         if unknown:
             raise MedfoundryError(f"task '{config.name}': unknown survival metric(s) {unknown}; known: {known}")
         splits, carved = survival_splits(data, config, settings)
-        return SurvivalTask(config, settings, data, splits, metrics, carved)
+        task = SurvivalTask(config, settings, data, splits, metrics, carved)
+        if config.subgroups:
+            task.subgroup_notes = check_subgroups(
+                task.test.metadata, config.subgroups, config.min_group_size, config.source
+            )
+        return task
 
     def scorer(self, task: SurvivalTask, evaluate: EvaluateConfig) -> SurvivalScorer:
         return SurvivalScorer(task, evaluate)
@@ -773,6 +800,8 @@ class SurvivalKind(TaskKind[SurvivalTask]):
             if risks:
                 label = model if adapter == ADAPTER else f"{model} ({adapter})"
                 task.risk_groups[label] = kaplan_meier_groups(test.time, test.event, risks[0])
+        if task.config.subgroups:
+            self._subgroups(ctx, task, fits, max(fractions), runs)
         reference = (task.settings.baseline_name, ADAPTER)
         if reference not in fits:
             return []
@@ -785,6 +814,50 @@ class SurvivalKind(TaskKind[SurvivalTask]):
                 if runs_a and runs_b:
                     out.append(self._paired(config, task, fraction, (model, adapter), runs_a, runs_b))
         return out
+
+    def _subgroups(
+        self, ctx: EngineContext, task: SurvivalTask, fits: list[tuple[str, str]], fraction: float, runs: Any
+    ) -> None:
+        """Harrell's C per group of each subgroup column, for every model and adapter at all training labels
+        (``fraction``) and its first seed: the same joint patient bootstrap and gap as classification subgroups.
+        One seed, one metric: each group's C-index is resampled 1,000 times per model, which would take minutes for
+        every seed and metric."""
+        require("sksurv", "survival", "survival tasks")
+        from sksurv.metrics import concordance_index_censored
+
+        started = perf_counter()
+        for note in task.subgroup_notes:
+            ctx.echo(f"  [{task.name}] {note}")
+        test, evaluate, spec = task.test, ctx.config.evaluate, task.config
+        settings = SubgroupSettings(tuple(spec.subgroups), spec.min_group_size, evaluate.n_bootstrap,
+                                    evaluate.confidence, ctx.config.adapt.seeds[0])  # fmt: skip
+        everyone = np.arange(len(test))
+        cells = []
+        for model, adapter in fits:
+            risks = runs(model, adapter, fraction)
+            if not risks:
+                continue
+            risk = risks[0]
+
+            def point_of(mask: np.ndarray, risk: np.ndarray = risk) -> float:
+                return _or_nan(lambda: concordance_index_censored(test.event[mask], test.time[mask], risk[mask])[0])
+
+            def draws_of(weights: np.ndarray, mask: np.ndarray, risk: np.ndarray = risk) -> np.ndarray:
+                idx = [np.repeat(everyone, row) for row in (weights * mask).astype(np.int64)]
+                return np.asarray([point_of(i, risk) for i in idx])
+
+            cell = {"model": model, "adapter": adapter, "label_fraction": fraction, "seed": settings.seed}
+            for column in spec.subgroups:
+                entry = subgroup_entry(column, HEADLINE, test.metadata[column], test.patient_ids, point_of,
+                                       draws_of, settings)  # fmt: skip
+                cells.append({**cell, **entry})
+        task.subgroups = {
+            "columns": list(spec.subgroups),
+            "min_group_size": spec.min_group_size,
+            "groups": {c: sorted(set(test.metadata[c])) for c in spec.subgroups},
+            "cells": cells,
+        }
+        ctx.durations[f"{task.name}/subgroups"] = perf_counter() - started
 
     def _paired(
         self,

@@ -12,7 +12,7 @@ group holding one class, for AUROC) is reported as undefined.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,16 +80,18 @@ def _better_sign(metric: str) -> float:
 
 
 def _score_groups(
-    metric: str,
-    y: np.ndarray,
-    proba: np.ndarray,
+    point_of: Callable[[np.ndarray], float],
+    draws_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
     groups: np.ndarray,
     names: list[str],
     patient_index: np.ndarray,
     n_patients: int,
     settings: SubgroupSettings,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Each group's point value, CI and status, and the bootstrap draws of the groups that have a value."""
+    """Each group's point value, CI and status, and the bootstrap draws of the groups that have a value.
+
+    ``point_of(mask)`` is the metric on one group's cases (NaN: undefined there); ``draws_of(weights, mask)`` its
+    values on a batch of patient-resample weight rows restricted to that group."""
     rows: list[dict[str, Any]] = []
     masks = {name: groups == name for name in names}
     scored = [n for n in names if masks[n].sum() >= settings.min_group_size]
@@ -99,7 +101,7 @@ def _score_groups(
         warnings.simplefilter("ignore", RuntimeWarning)
         for weights in resample_weights(patient_index, n_patients, settings.n_bootstrap, settings.seed):
             for name in scored:
-                chunks[name].append(bootstrap_values(metric, y, proba, weights * masks[name]))
+                chunks[name].append(np.asarray(draws_of(weights, masks[name]), dtype=np.float64))
         draws = {name: np.concatenate(chunks[name]) if chunks[name] else np.zeros(0) for name in scored}
         for name in names:
             mask = masks[name]
@@ -107,17 +109,51 @@ def _score_groups(
             if name not in scored:
                 rows.append({**row, "status": TOO_SMALL, "value": None, "ci_low": None, "ci_high": None})
                 continue
-            point = float(METRICS[metric](y[mask], proba[mask]))
-            # F1, kappa or AUROC of a group holding one class compare classes it does not have (F1 of a group of
-            # negatives is 0 whatever the model does): undefined, not a low number.
-            one_class = y.ndim == 1 and metric in _BETWEEN_CLASSES and np.unique(y[mask]).shape[0] < 2
-            if one_class or not np.isfinite(point):
+            point = float(point_of(mask))
+            if not np.isfinite(point):
                 draws.pop(name)
                 rows.append({**row, "status": UNDEFINED, "value": None, "ci_low": None, "ci_high": None})
                 continue
             value = percentile_interval(point, draws[name], settings.n_bootstrap, settings.confidence)
             rows.append({**row, "status": OK, "value": value.value, "ci_low": value.ci_low, "ci_high": value.ci_high})
     return rows, draws
+
+
+def subgroup_entry(
+    column: str,
+    metric: str,
+    groups: Sequence[Hashable],
+    patient_ids: Sequence[Hashable],
+    point_of: Callable[[np.ndarray], float],
+    draws_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    settings: SubgroupSettings,
+) -> dict[str, Any]:
+    """One metric on the groups of one column: the groups' values with CIs, the worst and best group, the gap
+    between them with its CI (positive: the best group is better) and whether that CI excludes 0. Any task kind
+    whose metric can be computed on a group and on patient-resample weights uses this (``point_of``/``draws_of``
+    as in :func:`_score_groups`)."""
+    _, patient_index = np.unique(np.asarray([str(p) for p in patient_ids]), return_inverse=True)
+    n_patients = int(patient_index.max()) + 1
+    labels = np.asarray([str(g) for g in groups])
+    names = [str(n) for n in np.unique(labels)]
+    rows, draws = _score_groups(point_of, draws_of, labels, names, patient_index, n_patients, settings)
+    entry: dict[str, Any] = {"column": column, "metric": metric, "groups": rows}
+    valued = [r for r in rows if r["status"] == OK]
+    if len(valued) < 2:
+        return {**entry, "worst_group": None, "best_group": None, "gap": None, "gap_excludes_zero": False}
+    sign = _better_sign(metric)
+    worst = min(valued, key=lambda r: sign * r["value"])
+    best = max(valued, key=lambda r: sign * r["value"])
+    gap_draws = sign * (draws[best["group"]] - draws[worst["group"]])
+    gap = percentile_interval(sign * (best["value"] - worst["value"]), gap_draws, settings.n_bootstrap,
+                              settings.confidence)  # fmt: skip
+    return {
+        **entry,
+        "worst_group": worst["group"],
+        "best_group": best["group"],
+        "gap": {"value": gap.value, "ci_low": gap.ci_low, "ci_high": gap.ci_high},
+        "gap_excludes_zero": bool(np.isfinite(gap.ci_low) and gap.ci_low > 0),
+    }
 
 
 def subgroup_analysis(
@@ -129,37 +165,25 @@ def subgroup_analysis(
     settings: SubgroupSettings,
     threshold: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One entry per (column, metric): the groups' values with CIs, the worst and best group, the gap between them
-    with its CI (positive: the best group is better) and whether that CI excludes 0."""
+    """Classification: one :func:`subgroup_entry` per (column, metric) of a cell's test predictions."""
     y = np.asarray(labels)
     proba = np.asarray(proba, dtype=np.float64)
-    _, patient_index = np.unique(np.asarray([str(p) for p in patient_ids]), return_inverse=True)
-    n_patients = int(patient_index.max()) + 1
     decisions = decide(proba, threshold) if threshold is not None else proba
     out = []
     for column in settings.columns:
-        groups = np.asarray(metadata[column])
-        names = [str(n) for n in np.unique(groups)]
         for metric in metrics:
             inputs = decisions if metric in THRESHOLDED_METRICS else proba
-            rows, draws = _score_groups(metric, y, inputs, groups, names, patient_index, n_patients, settings)
-            entry: dict[str, Any] = {"column": column, "metric": metric, "groups": rows}
-            valued = [r for r in rows if r["status"] == OK]
-            if len(valued) >= 2:
-                sign = _better_sign(metric)
-                worst = min(valued, key=lambda r: sign * r["value"])
-                best = max(valued, key=lambda r: sign * r["value"])
-                gap_draws = sign * (draws[best["group"]] - draws[worst["group"]])
-                gap = percentile_interval(
-                    sign * (best["value"] - worst["value"]), gap_draws, settings.n_bootstrap, settings.confidence
-                )
-                entry.update(
-                    worst_group=worst["group"],
-                    best_group=best["group"],
-                    gap={"value": gap.value, "ci_low": gap.ci_low, "ci_high": gap.ci_high},
-                    gap_excludes_zero=bool(np.isfinite(gap.ci_low) and gap.ci_low > 0),
-                )
-            else:
-                entry.update(worst_group=None, best_group=None, gap=None, gap_excludes_zero=False)
-            out.append(entry)
+
+            def point_of(mask: np.ndarray, metric: str = metric, inputs: np.ndarray = inputs) -> float:
+                # F1, kappa or AUROC of a group holding one class compare classes it does not have (F1 of a group
+                # of negatives is 0 whatever the model does): undefined, not a low number.
+                if y.ndim == 1 and metric in _BETWEEN_CLASSES and np.unique(y[mask]).shape[0] < 2:
+                    return float("nan")
+                return float(METRICS[metric](y[mask], inputs[mask]))
+
+            def draws_of(weights: np.ndarray, mask: np.ndarray, metric: str = metric,
+                         inputs: np.ndarray = inputs) -> np.ndarray:  # fmt: skip
+                return bootstrap_values(metric, y, inputs, weights * mask)
+
+            out.append(subgroup_entry(column, metric, metadata[column], patient_ids, point_of, draws_of, settings))
     return out

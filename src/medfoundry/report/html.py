@@ -18,6 +18,7 @@ from medfoundry.report.sections.header import header
 from medfoundry.report.sections.health import pretraining_health
 from medfoundry.report.sections.plots import adaptation_ladder, label_efficiency
 from medfoundry.report.sections.results_table import results_table
+from medfoundry.report.sections.robustness import robustness
 from medfoundry.report.sections.run_time import run_time
 from medfoundry.report.sections.subgroups import subgroups
 from medfoundry.report.sections.summary import summary
@@ -35,6 +36,7 @@ TASK_SECTIONS: list[TaskSection] = [
     survival_curves,
     calibration,
     subgroups,
+    robustness,
     results_table,
 ]
 

@@ -1,16 +1,18 @@
-"""report.html of ``medfoundry robustness``: one plot per metric (severity on x, one line per shift, a panel per
-encoder) and the table behind them, rendered from ``robustness.json`` alone in the report's page and style."""
+"""Robustness of features (``medfoundry robustness``): one plot per metric (severity on x, one line per shift, a
+panel per encoder) and the table behind them. From metadata["tasks"][task]["robustness"] (written by
+``bench/robustness.py``)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
 from matplotlib.figure import Figure
 
-from medfoundry.io_utils import write_text_atomic
+from medfoundry.report.context import TaskContext
 from medfoundry.report.plots import _MODEL_COLOURS, _style_axes
+from medfoundry.report.sections.calibration import task_analysis
 from medfoundry.report.summary import metric_label
 from medfoundry.report.templating import render
 
@@ -83,22 +85,21 @@ def _metrics(data: dict[str, Any]) -> list[str]:
     return seen
 
 
-def render_robustness_report(data: dict[str, Any], out_html: Path | str, title: str = "Feature robustness") -> Path:
-    """``data`` (robustness.json's content) as one self-contained HTML page, written atomically."""
+def robustness(ctx: TaskContext) -> Markup:
+    data = task_analysis(ctx, "robustness")
+    if not data.get("records"):
+        return Markup()
     metrics = _metrics(data)
-    figures = [(plot_metric(data, name), metric_title(name)) for name in metrics]
     table: dict[tuple[str, str, float], dict[str, dict[str, float]]] = {}
     for record in data["records"]:
         table.setdefault((record["encoder"], record["shift"], record["severity"]), {})[record["metric"]] = record
-    section = render(
-        "robustness.html.j2",
+    tasks = ctx.report.results.metadata.get("tasks") or {}
+    return render(
+        "sections/robustness.html.j2",
         data=data,
-        figures=figures,
+        task=tasks.get(ctx.task) or {},
+        figures=[(plot_metric(data, name), metric_title(name)) for name in metrics],
         metrics=metrics,
         titles={name: metric_title(name) for name in metrics},
-        rows=[(key, values) for key, values in table.items()],
+        rows=list(table.items()),
     )
-    page = render(
-        "report.html.j2", title=title, sections=[section], schema_version=f"robustness {data['schema_version']}"
-    )
-    return write_text_atomic(Path(out_html), str(page))
