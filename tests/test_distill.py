@@ -199,3 +199,20 @@ def test_tiny_benchmark_compares_four_encoders(shared_data: Path, tmp_path: Path
     assert set(report["summary"]["distilled_minus"]) == names - {distillation.DISTILLED}
     assert all(rate > 0 for rate in report["inference_images_per_second"].values())
     assert report["runs"][distillation.DISTILLED]["steps"] >= 1 and "left out" in report["pool"]
+
+
+def test_resume_with_a_replaced_teacher_file_is_refused(images, tmp_path: Path) -> None:
+    """Same teacher path, other weights: resuming would mix two teachers in one student, so it is refused."""
+    torch.set_num_threads(1)
+    folder = tmp_path / "teacher"
+    make = lambda seed: create_encoder(  # noqa: E731 - two teachers of one architecture
+        "vit_small_patch16_224", in_chans=1, img_size=28, patch_size=7, depth=1, seed=seed
+    )
+    save_encoder(make(3), folder)
+    config = _config(folder).model_copy(update={"max_steps": 2})
+    student = lambda: create_encoder("vit_tiny_28", in_chans=1, seed=0, pool="token+avg")  # noqa: E731
+    assert pretrain(images, student(), config, tmp_path / "run", show_progress=False).steps == 2
+    save_encoder(make(4), folder)  # replaced in place
+    longer = config.model_copy(update={"max_steps": 3})
+    with pytest.raises(MedfoundryError, match="another config or data"):
+        pretrain(images, student(), longer, tmp_path / "run", show_progress=False)

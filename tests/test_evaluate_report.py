@@ -491,3 +491,13 @@ def test_markdown_tables_pivot_the_headline_metric_by_fraction() -> None:
     # dinov2 + lora at 100%: 0.6 + 0.2 + 0.06 + 0.02 - 0.01 (balanced accuracy), CI +- 0.04
     assert "| dinov2-vitb14 | lora |" in text and "0.870 [0.830, 0.910]" in text
     assert format_markdown_tables(results).splitlines()[0].startswith("**breastmnist**: AUROC")
+
+
+def test_report_header_states_how_splits_were_grouped_and_warns_of_a_thin_test_split(tmp_path: Path) -> None:
+    results = _make_results()
+    grouping = "grouped by patient id (40/5/1 patients in train/val/test, none in two splits)"
+    warning = "breastmnist: the test split holds 1 patient(s); ... confidence interval equals its point estimate"
+    results.metadata["tasks"] = {"breastmnist": {"grouping": grouping, "warnings": [warning]}}
+    html = render_report(results, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<dt>Splits</dt><dd>" + grouping in html
+    assert "<dt>⚠ Warning</dt><dd>" + warning in html

@@ -223,3 +223,16 @@ def test_finetune_and_scratch_cells_validate_on_their_own_label_fraction(breastm
         sizes[fraction] = len(chosen)
     assert sizes[0.01] == 4 and sizes[0.1] == round(0.1 * len(task.val)) < len(task.val)
     assert val_budget(task, config, 1.0, seed=0) is task.val
+
+
+def test_a_test_split_of_one_patient_is_named_as_such(shared_data: Path) -> None:
+    """The bundled osteosarcoma suite tests on one patient (Case-4): its CIs equal their points, and the run says so."""
+    from medfoundry.bench.engine import few_test_patients_warnings
+
+    suite = Path(__file__).resolve().parents[1] / "configs" / "suites" / "osteosarcoma.yaml"
+    spec = yaml.safe_load(suite.read_text())["tasks"][0]
+    spec["source"] = f"csv:{shared_data / 'osteosarcoma_tcia_tiles_60' / 'labels.csv'}"
+    task = load_task(TaskConfig(**spec))
+    (warning,) = few_test_patients_warnings(task)
+    assert "test split holds 1 patient(s)" in warning and "equals its point estimate" in warning
+    assert "Case-4" not in warning  # no patient id in logs or reports

@@ -150,6 +150,27 @@ class _Embedder:
         return features
 
 
+# Below this many test patients a patient bootstrap has too few units to resample for its interval to mean much.
+MIN_TEST_PATIENTS = 5
+
+
+def few_test_patients_warnings(task: BenchTask) -> list[str]:
+    """A line when the test split has so few patients that every confidence interval is degenerate or too narrow."""
+    test = getattr(task, "test", None)
+    patients = getattr(test, "patient_ids", None)
+    if patients is None or len(patients) == 0:
+        return []
+    n = len(set(map(str, patients)))
+    if n >= MIN_TEST_PATIENTS:
+        return []
+    effect = "equals its point estimate" if n == 1 else "is too narrow to trust"
+    return [
+        f"{task.name}: the test split holds {n} patient(s); the patient bootstrap resamples patients, so every "
+        f"confidence interval {effect}: read the numbers as about these patients only, or move more patients "
+        f"into the test split"
+    ]
+
+
 def run_suite(
     config: SuiteConfig,
     show_progress: bool = True,
@@ -183,8 +204,11 @@ def _run_suite(
     needs_encoder = [name for name, task in tasks.items() if not task.precomputed]
     if needs_encoder and not config.encoders:
         raise MedfoundryError(f"task(s) {needs_encoder} hold images: the suite needs at least one encoder")
+    task_warnings = {name: few_test_patients_warnings(task) for name, task in tasks.items()}
     for task in tasks.values():
         echo(f"task {task.describe()}")
+        for warning in task_warnings[task.name]:
+            echo(f"  ⚠ {warning}")
         skipped = TASK_KINDS.get(task.kind).skipped_adapters(list(config.adapt.adapters))
         if skipped:
             echo(f"  {', '.join(skipped)} skipped on {task.name}: prototypes need one class per case")
@@ -240,7 +264,13 @@ def _run_suite(
             durations=durations,
             dataset=config.name,
             primary_metric={task.name: task.metrics[0] for task in tasks.values()},
-            tasks={task.name: task.metadata() for task in tasks.values()},
+            tasks={
+                task.name: {
+                    **task.metadata(),
+                    **({"warnings": task_warnings[task.name]} if task_warnings[task.name] else {}),
+                }
+                for task in tasks.values()
+            },
             comparisons=comparisons,
             cells={"computed": computed, "reused": reused},
             **(metadata or {}),

@@ -258,8 +258,8 @@ def _load_task(config: RobustnessConfig) -> Task:
 
 def run_robustness(config: RobustnessConfig, echo: Echo = lambda line: None) -> RobustnessOutput:
     """Embed the task's test images under every shift and severity for every encoder; write the metrics
-    (``robustness.json``) and their plots (``report.html``). Reuses finished cells; see the module docstring."""
-    from medfoundry.bench.engine import prepare_encoder
+    (``results.json``) and their plots (``report.html``). Reuses finished cells; see the module docstring."""
+    from medfoundry.bench.engine import few_test_patients_warnings, prepare_encoder, task_entry
     from medfoundry.report.html import render_report
 
     unknown = [name for name in config.shifts if name not in SHIFTS]
@@ -270,6 +270,9 @@ def run_robustness(config: RobustnessConfig, echo: Echo = lambda line: None) -> 
     with output_folder(config.output_dir, "robustness"):
         task = _load_task(config)
         echo(task.describe())
+        warnings = few_test_patients_warnings(task)
+        for warning in warnings:
+            echo(f"  ⚠ {warning}")
         metric = task.metrics[0]
         reference, reference_key = stain_reference(config, task.train) if "stain_norm" in config.shifts else (None, "")
         suite = _encoders(config)
@@ -356,7 +359,7 @@ def run_robustness(config: RobustnessConfig, echo: Echo = lambda line: None) -> 
                 durations={"robustness": seconds},
                 dataset=config.name,
                 primary_metric={task.name: metric},
-                tasks={task.name: {**task.metadata(), "robustness": data}},
+                tasks={task.name: {**task_entry(task, warnings), "robustness": data}},
             ),
         )
         json_path = write_results(config.output_dir / "results.json", results)

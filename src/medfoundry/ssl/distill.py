@@ -275,6 +275,12 @@ class Distill(SSLMethod):
         name = init_name(self.teacher_spec)
         return {"settings": {"distill": {**self.cfg.model_dump(mode="json"), "teacher": name}}, "distilled_from": name}
 
+    def fingerprint_inputs(self) -> dict[str, Any]:
+        """The teacher's weights (the trainer's hook): resuming with another teacher file is refused, not mixed."""
+        from medfoundry.models.checkpoint import weights_hash
+
+        return {"teacher_weights": weights_hash(self.teacher.backbone)}
+
     def export_encoder(self) -> Encoder:
         # The student alone; the projections and the head are dropped, the teacher was never part of it.
         return copy.deepcopy(self._template[0])

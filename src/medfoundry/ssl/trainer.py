@@ -118,12 +118,21 @@ class PretrainResult:
         return self.time_up or (self.total_steps > 0 and self.steps >= self.total_steps)
 
 
-def run_fingerprint(config: PretrainConfig, images: ImageSet, encoder: Encoder, init_weights: str = "") -> str:
+def run_fingerprint(
+    config: PretrainConfig,
+    images: ImageSet,
+    encoder: Encoder,
+    init_weights: str = "",
+    method_inputs: dict[str, Any] | None = None,
+) -> str:
     functional = {
         k: v for k, v in config.model_dump(mode="json").items() if k not in _NON_FUNCTIONAL and k not in _BUDGET
     }
     # The starting weights, not their path: a moved checkpoint folder still resumes.
     functional["init_from"] = init_weights or None
+    # What else a method learns from (a distillation teacher's weights): a replaced teacher file is another run.
+    if method_inputs:
+        functional["method_inputs"] = method_inputs
     return hash_json(
         {"config": functional, "data": images.fingerprint(), "arch": [encoder.timm_name, encoder.timm_kwargs]}
     )
@@ -283,7 +292,8 @@ def pretrain(
     # Before the optimiser is built: synchronised batch norm keeps the parameters, and they move to the device.
     method = prepare_for_ddp(method, env).to(env.device)
     optimizer = _optimizer(method, config)
-    fingerprint = run_fingerprint(config, images, encoder, init_weights)
+    method_inputs = method.fingerprint_inputs() if hasattr(method, "fingerprint_inputs") else None
+    fingerprint = run_fingerprint(config, images, encoder, init_weights, method_inputs)
     state_path = output_dir / STATE_FILE
     steps_per_epoch = EpochBatchSampler(len(images), config.batch_size, 1, config.seed).steps_per_epoch
     planned = budget_steps(config, steps_per_epoch)

@@ -173,6 +173,7 @@ class SlideLocks:
             return None
         # Takeovers are serialised by one flock, and the lock is judged again inside it: two processes that both
         # found it stale must not both remove it (the second would remove the first one's new lock).
+        self.folder.mkdir(parents=True, exist_ok=True)
         with (self.folder / ".takeover").open("a") as guard:
             fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
             holder = _read_lock(path)
@@ -187,12 +188,19 @@ class SlideLocks:
         return claim
 
     def _create(self, path: Path) -> Claim | None:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        except OSError as error:
-            raise OutputError(f"cannot create a slide lock ({error.strerror or error})", path) from None
+        for attempt in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                return None
+            except FileNotFoundError:
+                if attempt:
+                    raise OutputError("cannot create a slide lock (its folder keeps disappearing)", path) from None
+                # A process that finished every slide removed the empty lock folder just now: make it again.
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise OutputError(f"cannot create a slide lock ({error.strerror or error})", path) from None
         token = secrets.token_hex(8)
         info = {
             "host": socket.gethostname(),
@@ -258,6 +266,9 @@ def claimed(
         waiting, first_pass = deferred, False
         if waiting:
             time.sleep(poll_s)
+    # Every item is done: the lock folder goes once the last process leaves it empty (another may still hold one).
+    with contextlib.suppress(OSError):
+        locks.folder.rmdir()
 
 
 _PRECEDENCE = ("done", "failed", "skipped")

@@ -38,6 +38,17 @@ def _meta_items(ctx: ReportContext) -> list[tuple[str, str]]:
         items.append(("Dataset", dataset))
     if tasks := ctx.tasks:
         items.append(("Task" if len(tasks) == 1 else "Tasks", ", ".join(tasks)))
+    task_meta = meta.get("tasks")
+    if isinstance(task_meta, Mapping):
+        for name, entry in task_meta.items():
+            if not isinstance(entry, Mapping):
+                continue
+            label = "Splits" if len(task_meta) == 1 else f"Splits ({name})"
+            if (grouping := _scalar(entry.get("grouping"))) is not None:
+                items.append((label, grouping))
+            for warning in entry.get("warnings") or []:
+                if (text := _scalar(warning)) is not None:
+                    items.append(("⚠ Warning", text))
     if (created := _scalar(meta.get("created"))) is not None:
         items.append(("Created", created.replace("T", " ")))
     stages = durations(meta)
