@@ -274,7 +274,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         images,
         args,
     )
-    ssl, runs[SSL_STUDENT] = pretrain_run(SSL_STUDENT, "simclr_kermany_pool.yaml", student, images, args)
+    if args.ssl_student is None:
+        ssl, runs[SSL_STUDENT] = pretrain_run(SSL_STUDENT, "simclr_kermany_pool.yaml", student, images, args)
+        ssl_dir = ssl.encoder_dir
+    else:
+        ssl_dir = args.ssl_student
 
     from medfoundry.config import ExperimentConfig, load_config
 
@@ -282,7 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     encoders = {
         TEACHER: EncoderConfig(name=TEACHER, checkpoint=Path(teacher_dir)),
         DISTILLED: EncoderConfig(name=DISTILLED, checkpoint=distilled.encoder_dir),
-        SSL_STUDENT: EncoderConfig(name=SSL_STUDENT, checkpoint=ssl.encoder_dir),
+        SSL_STUDENT: EncoderConfig(name=SSL_STUDENT, checkpoint=Path(ssl_dir)),
         # The same network and seed as both students start from (bench/run.py's random-init baseline).
         RANDOM_STUDENT: EncoderConfig(name=RANDOM_STUDENT, model=student_model, seed=0, finetune=False),
     }
@@ -298,6 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "minutes": args.minutes,
         "teacher_minutes": None if args.teacher else args.teacher_minutes,
         "teacher": "given" if args.teacher else f"{args.teacher_backbone} SimCLR on the pool",
+        "ssl_student": "given" if args.ssl_student else f"{STUDENT_BACKBONE} SimCLR on the pool",
         "threads": args.threads,
         "pool": note,
         "task": {"name": task.name, **{role: len(task.split(role)) for role in ("train", "val", "test")}},
@@ -320,6 +325,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of each student's pre-training")
     p.add_argument("--teacher-minutes", type=float, default=60.0, help="the teacher's SimCLR budget")
     p.add_argument("--teacher", type=Path, default=None, help="a teacher checkpoint folder (skips its pre-training)")
+    p.add_argument(
+        "--ssl-student", type=Path, default=None,
+        help="a finished SSL student checkpoint folder (skips its pre-training; give one of the same --minutes)",
+    )  # fmt: skip
     p.add_argument("--teacher-backbone", default=None, help=f"the teacher's network (default {TEACHER_BACKBONE})")
     p.add_argument("--out", type=Path, default=Path("runs/distillation"))
     p.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")

@@ -370,3 +370,20 @@ def test_threads_option_becomes_the_config_field() -> None:
     assert PretrainConfig(threads=2).threads == 2
     with pytest.raises(ValueError):
         PretrainConfig(threads=0)
+
+
+def test_fingerprint_holds_only_the_running_methods_section(breastmnist_npz: Path) -> None:
+    """A setting of another method (a DINO option, a new distillation field) leaves a SimCLR run resumable; one of
+    SimCLR's own does not."""
+    from medfoundry.config import SimCLRConfig
+    from medfoundry.ssl.trainer import METHOD_SECTIONS, run_fingerprint
+
+    assert set(PretrainConfig.model_fields) >= METHOD_SECTIONS  # a renamed section must be renamed here too
+    images = load_medmnist_npz(breastmnist_npz)["train"].subset(np.arange(8))
+    encoder = create_encoder("vit_tiny_28", in_chans=1, seed=0)
+    base = PretrainConfig(method="simclr")
+    same = run_fingerprint(base, images, encoder)
+    other_method = base.model_copy(update={"dino": DinoConfig(out_dim=128)})
+    assert run_fingerprint(other_method, images, encoder) == same
+    own = base.model_copy(update={"simclr": SimCLRConfig(temperature=0.5)})
+    assert run_fingerprint(own, images, encoder) != same

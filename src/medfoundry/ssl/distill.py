@@ -67,6 +67,12 @@ class DistillConfig(StrictModel):
     # Cosine logits lie in [-1, 1]: a low temperature gives the teacher distributions that say something.
     teacher_temp: float = 0.04
     center_momentum: float = 0.9
+    standardize_targets: bool = Field(
+        True,
+        description="standardise each teacher feature dimension by running mean and variance before the losses: "
+        "a teacher whose features share a large common direction otherwise gives near-constant targets",
+    )
+    target_momentum: float = Field(0.99, ge=0, lt=1, description="momentum of the running target statistics")
 
 
 def _norm(features: torch.Tensor) -> torch.Tensor:
@@ -178,6 +184,10 @@ class Distill(SSLMethod):
                     student_width, cfg.hidden_dim, cfg.bottleneck_dim, cfg.n_prototypes, freeze_last_layer=-1
                 )
         self.register_buffer("prototypes", random_prototypes(teacher_width, cfg.n_prototypes, cfg.prototype_seed))
+        # Running statistics of the teacher's targets (buffers: in the resumable state, so a resume is exact).
+        self.register_buffer("pooled_stats", torch.stack([torch.zeros(teacher_width), torch.ones(teacher_width)]))
+        self.register_buffer("token_stats", torch.stack([torch.zeros(token_teacher), torch.ones(token_teacher)]))
+        self.register_buffer("stats_steps", torch.zeros((), dtype=torch.long))
         self.prototype_loss = DINOLoss(
             output_dim=cfg.n_prototypes,
             warmup_teacher_temp=cfg.teacher_temp,
@@ -209,6 +219,27 @@ class Distill(SSLMethod):
             pooled, grid = features_and_grid(teacher.backbone, x, teacher.pool)
         return pooled.float(), None if grid is None else grid.float()
 
+    def _target(self, features: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        """The regression target of teacher features (N, D): standardised per dimension by running statistics
+        (``standardize_targets``), else layer-normalised per feature.
+
+        A teacher's features often share one large common direction (a pre-trained ViT's pooled features have
+        cosine similarities near 1 across images): layer-normalised, they are targets a student matches with one
+        constant vector (cosine 0.999 after a few steps while learning nothing of what tells images apart), and their
+        prototype distributions are uniform. Standardising each dimension over the data removes the common part, as
+        AM-RADIO's PHI-S does for its teachers (here without the rotation: a diagonal scale is enough for one
+        teacher)."""
+        if not self.cfg.standardize_targets:
+            return _norm(features)
+        flat = features.float()
+        if self.training:
+            mean, var = flat.mean(0), flat.var(0, unbiased=False)
+            if int(self.stats_steps) == 0:
+                stats.copy_(torch.stack([mean, var]))
+            else:
+                stats.lerp_(torch.stack([mean, var]), 1.0 - self.cfg.target_momentum)
+        return (flat - stats[0]) / torch.sqrt(stats[1] + 1e-6)
+
     def _patch_loss(self, student_grid: torch.Tensor | None, teacher_grid: torch.Tensor | None) -> torch.Tensor | None:
         assert self.patch_projection is not None
         if student_grid is None or teacher_grid is None:
@@ -221,7 +252,8 @@ class Distill(SSLMethod):
             teacher_grid = F.interpolate(teacher_grid, size=student_grid.shape[2:], mode=mode, align_corners=False)
         # (B, D, *grid) -> (B, tokens, D): the projection and the target's norm act on each token's features.
         student_tokens = self.patch_projection(student_grid.flatten(2).transpose(1, 2))
-        target = _norm(teacher_grid.flatten(2).transpose(1, 2))
+        tokens = teacher_grid.flatten(2).transpose(1, 2)
+        target = self._target(tokens.reshape(-1, tokens.shape[-1]), self.token_stats).reshape(tokens.shape)
         return F.smooth_l1_loss(student_tokens.float(), target)
 
     def training_step(self, views: list[torch.Tensor], values: StepValues) -> StepOutput:
@@ -234,12 +266,13 @@ class Distill(SSLMethod):
         # The losses in fp32: under bf16 autocast, low-temperature softmaxes and small residuals lose precision.
         with torch.autocast(batch.device.type, enabled=False):
             loss = zero
+            target = self._target(teacher_pooled, self.pooled_stats)
             if self.pooled_projection is not None:
                 projected = self.pooled_projection(student_pooled.float())
-                pooled_loss = F.smooth_l1_loss(projected, _norm(teacher_pooled))
+                pooled_loss = F.smooth_l1_loss(projected, target)
                 loss = loss + self.cfg.pooled_weight * pooled_loss
                 logs["pooled_loss"] = float(pooled_loss.detach())
-                logs["pooled_cosine"] = float(F.cosine_similarity(projected, teacher_pooled, dim=1).mean().detach())
+                logs["pooled_cosine"] = float(F.cosine_similarity(projected, target, dim=1).mean().detach())
             if self.patch_projection is not None:
                 patch_loss = self._patch_loss(student_grid, teacher_grid)
                 if patch_loss is not None:
@@ -249,7 +282,7 @@ class Distill(SSLMethod):
                     # No grid: the projection still takes part (with a zero gradient), as DDP requires.
                     loss = loss + sum(param.sum() * 0.0 for param in self.patch_projection.parameters())
             if self.student_head is not None:
-                teacher_logits = F.normalize(_norm(teacher_pooled), dim=1) @ self.prototypes.float().T
+                teacher_logits = F.normalize(target, dim=1) @ self.prototypes.float().T
                 student_logits = self.student_head(student_pooled.float())
                 prototype_loss = self.prototype_loss(
                     list(teacher_logits.chunk(len(pair))),
@@ -258,6 +291,8 @@ class Distill(SSLMethod):
                 )
                 loss = loss + self.cfg.prototype_weight * prototype_loss
                 logs["prototype_loss"] = float(prototype_loss.detach())
+        if self.training:
+            self.stats_steps += 1
         return StepOutput(
             loss=loss,
             logs={"loss": float(loss.detach()), **logs},

@@ -79,6 +79,8 @@ _NON_FUNCTIONAL = {
     "stop_on_collapse",
     "threads",
 }
+# PretrainConfig's per-method sections; each method reads only the one named after it.
+METHOD_SECTIONS = frozenset({"dino", "ibot", "simclr", "mocov3", "byol", "mae", "distill", "clip"})
 # The budget is kept out of the fingerprint: a finished or stopped run can be extended to a larger budget.
 _BUDGET = ("epochs", "max_steps", "max_minutes")
 # A minutes budget times this many steps, after one untimed step (which pays for allocation and the first batches).
@@ -128,6 +130,10 @@ def run_fingerprint(
     functional = {
         k: v for k, v in config.model_dump(mode="json").items() if k not in _NON_FUNCTIONAL and k not in _BUDGET
     }
+    # Only the running method's own section: a setting added to (or changed in) another method's section does not
+    # make a SimCLR run's state "another config".
+    for section in METHOD_SECTIONS - {config.method}:
+        functional.pop(section, None)
     # The starting weights, not their path: a moved checkpoint folder still resumes.
     functional["init_from"] = init_weights or None
     # What else a method learns from (a distillation teacher's weights): a replaced teacher file is another run.
