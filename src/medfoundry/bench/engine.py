@@ -171,6 +171,11 @@ def few_test_patients_warnings(task: BenchTask) -> list[str]:
     ]
 
 
+def task_entry(task: BenchTask, warnings: list[str]) -> dict[str, Any]:
+    """The task's metadata in results.json, with its warnings when it has any."""
+    return {**task.metadata(), **({"warnings": warnings} if warnings else {})}
+
+
 def run_suite(
     config: SuiteConfig,
     show_progress: bool = True,
@@ -264,13 +269,7 @@ def _run_suite(
             durations=durations,
             dataset=config.name,
             primary_metric={task.name: task.metrics[0] for task in tasks.values()},
-            tasks={
-                task.name: {
-                    **task.metadata(),
-                    **({"warnings": task_warnings[task.name]} if task_warnings[task.name] else {}),
-                }
-                for task in tasks.values()
-            },
+            tasks={name: task_entry(task, task_warnings[name]) for name, task in tasks.items()},
             comparisons=comparisons,
             cells={"computed": computed, "reused": reused},
             **(metadata or {}),
