@@ -36,3 +36,12 @@ def ct_crops(shared_data: Path):  # noqa: ANN201 - an ImageSet; imported lazily 
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     return load_nifti_crops(path, crop_size=28, stride=14)["train"]
+
+
+@pytest.fixture(scope="module")
+def tcga_table(shared_data: Path) -> Path:
+    """The TCGA colorectal survival table (Kather et al. 2019) of ../shared/data."""
+    path = shared_data / "tcga_crc_survival" / "TCGA_MEASUREMENTS.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return path

@@ -20,14 +20,6 @@ SUITE = REPO_ROOT / "configs" / "suites" / "tcga_crc_survival.yaml"
 FEATURES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 
 
-@pytest.fixture(scope="module")
-def tcga_table(shared_data: Path) -> Path:
-    path = shared_data / "tcga_crc_survival" / "TCGA_MEASUREMENTS.csv"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return path
-
-
 def _suite(table: Path, output_dir: Path) -> SuiteConfig:
     """The bundled suite, on the given table, one seed and fewer bootstrap resamples (the statistics are the same)."""
     data: dict[str, Any] = yaml.safe_load(SUITE.read_text())

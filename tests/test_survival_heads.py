@@ -147,14 +147,6 @@ def test_mil_cox_head_on_slide_bags_beats_chance(tmp_path: Path) -> None:
     assert set(groups) == {"bags (mil-abmil)"}
 
 
-@pytest.fixture(scope="module")
-def tcga_table(shared_data: Path) -> Path:
-    path = shared_data / "tcga_crc_survival" / "TCGA_MEASUREMENTS.csv"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return path
-
-
 def test_tcga_features_plus_stage_with_one_hot_stage(tcga_table: Path, tmp_path: Path) -> None:
     """Features, features + stage (one indicator per stage) and stage alone on the same patients; each model
     against stage alone in a paired comparison."""
