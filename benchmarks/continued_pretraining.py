@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_study import KERMANY_PATIENT, in_memory, summarise  # noqa: E402  (beside this script)
+from recipe_study import in_memory, kermany_pool, summarise  # noqa: E402  (beside this script)
 
 RECIPE = ROOT / "configs" / "demo" / "breastmnist_simclr.yaml"
 CONTINUED, TARGET_ONLY, SOURCE_ONLY = "continued-pool-then-breastmnist", "breastmnist-only", "pool-only"
@@ -92,19 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         TaskConfig,
         load_config,
     )
-    from medfoundry.data.registry import load_dataset
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     task_config = TaskConfig(name="breastmnist", source=str(ROOT / "data" / "breastmnist" / "breastmnist.npz"))
     task = load_task(task_config)
-    pool_splits = load_dataset(
-        f"folder:{args.data_root / 'kermany_cxr_224_trainrest'}",
-        image_size=28,
-        channels=1,
-        patient_regex=KERMANY_PATIENT,
-    )
-    pool = pool_splits["train"] if "train" in pool_splits else next(iter(pool_splits.values()))
+    pool = kermany_pool(args.data_root, 28)
     if args.tiny:
         pool = pool.subset(list(range(200)), name="kermany-pool-tiny")
     pool_images = in_memory(unlabeled(pool), args.threads)

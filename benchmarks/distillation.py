@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_study import KERMANY_PATIENT, dataset_specs, in_memory  # noqa: E402 - the study's task and pool
+from recipe_study import dataset_specs, in_memory, kermany_pool  # noqa: E402 - the study's task and pool
 
 TEACHER = "teacher"
 DISTILLED = "distilled-student"
@@ -70,15 +70,8 @@ def budget_overrides(minutes: float, args: argparse.Namespace) -> list[str]:
 def pool_images(task: Any, args: argparse.Namespace) -> tuple[Any, str]:
     """The unlabeled Kermany pool without any patient of the labelled subset (train, val and test alike)."""
     from medfoundry.bench.run import unlabeled
-    from medfoundry.data.registry import load_dataset
 
-    pool = load_dataset(
-        f"folder:{args.data_root / 'kermany_cxr_224_trainrest'}",
-        image_size=64,
-        channels=1,
-        patient_regex=KERMANY_PATIENT,
-    )
-    images = pool["train"] if "train" in pool else next(iter(pool.values()))
+    images = kermany_pool(args.data_root, 64)
     subset_patients = set(task.train.patient_ids) | set(task.val.patient_ids) | set(task.test.patient_ids)
     keep = [i for i, p in enumerate(images.patient_ids) if p not in subset_patients]
     if args.pool_size is not None:

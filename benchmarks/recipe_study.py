@@ -152,6 +152,19 @@ def plan_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     return cells
 
 
+def kermany_pool(data_root: Path, image_size: int) -> Any:
+    """The unlabeled Kermany pool (``kermany_cxr_224_trainrest``) as one grey ImageSet, patients from file names."""
+    from medfoundry.data.registry import load_dataset
+
+    splits = load_dataset(
+        f"folder:{data_root / 'kermany_cxr_224_trainrest'}",
+        image_size=image_size,
+        channels=1,
+        patient_regex=KERMANY_PATIENT,
+    )
+    return splits["train"] if "train" in splits else next(iter(splits.values()))
+
+
 # ---- one cell
 def in_memory(images: Any, threads: int) -> Any:
     """The images read once into memory (pre-training reads each image many times)."""
@@ -208,7 +221,6 @@ def run_cell(cell: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         TaskConfig,
         load_config,
     )
-    from medfoundry.data.registry import load_dataset
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -230,13 +242,7 @@ def run_cell(cell: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     note = ""
     if pool_cell:
         # The unlabelled pool minus every patient of the 600-image subset (train, val and test alike).
-        pool = load_dataset(
-            f"folder:{args.data_root / 'kermany_cxr_224_trainrest'}",
-            image_size=64,
-            channels=1,
-            patient_regex=KERMANY_PATIENT,
-        )
-        pool_images = pool["train"] if "train" in pool else next(iter(pool.values()))
+        pool_images = kermany_pool(args.data_root, 64)
         subset_patients = set(task.train.patient_ids) | set(task.val.patient_ids) | set(task.test.patient_ids)
         keep = [i for i, p in enumerate(pool_images.patient_ids) if p not in subset_patients]
         removed = len(pool_images) - len(keep)
@@ -416,13 +422,7 @@ def count_pretrain_images(dataset: str, args: argparse.Namespace) -> int:
     task = load_task(TaskConfig.model_validate(specs["kermany" if dataset == "kermany-pool" else dataset]["task"]))
     if dataset != "kermany-pool":
         return len(task.train)
-    from medfoundry.data.registry import load_dataset
-
-    pool = load_dataset(
-        f"folder:{args.data_root / 'kermany_cxr_224_trainrest'}", image_size=64, channels=1,
-        patient_regex=KERMANY_PATIENT,
-    )  # fmt: skip
-    images = pool["train"] if "train" in pool else next(iter(pool.values()))
+    images = kermany_pool(args.data_root, 64)
     subset = set(task.train.patient_ids) | set(task.val.patient_ids) | set(task.test.patient_ids)
     n = sum(p not in subset for p in images.patient_ids)
     return min(n, args.tiny_pool) if args.tiny else n
