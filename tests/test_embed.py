@@ -111,6 +111,19 @@ def test_other_pool_recomputes(cached: Path, test_split: ImageSet, tmp_path: Pat
     assert read_embeddings(path)[0].features.shape == (156, 384)
 
 
+def test_other_precision_recomputes(cached: Path, vit: Encoder, test_split: ImageSet, tmp_path: Path) -> None:
+    path = _copy(cached, tmp_path / "test.h5")
+    result = embed(vit, test_split, path, bf16=True)
+    assert not result.reused  # fp32 features are not bf16 features
+    new, old = _attrs(path), _attrs(cached)
+    assert new["preprocessing_hash"] != old["preprocessing_hash"]
+    assert '"autocast": "bf16"' in str(new["preprocessing"])
+    assert not np.array_equal(read_embeddings(path)[0].features, read_embeddings(cached)[0].features)
+    assert embed(vit, test_split, path, bf16=True).reused
+    assert not embed(vit, test_split, path).reused  # and back to fp32: the fp32 key again
+    assert _attrs(path)["preprocessing_hash"] == old["preprocessing_hash"]
+
+
 def test_other_data_recomputes(cached: Path, vit: Encoder, test_split: ImageSet, tmp_path: Path) -> None:
     path = _copy(cached, tmp_path / "test.h5")
     subset = test_split.subset(np.arange(0, 156, 4))

@@ -56,8 +56,9 @@ class Embeddings:
     seconds: float = 0.0
 
 
-def preprocessing_spec(encoder: Encoder) -> dict[str, object]:
-    return {
+def preprocessing_spec(encoder: Encoder, bf16: bool = False) -> dict[str, object]:
+    """How pixels become features: part of the feature cache's key, so a change recomputes them."""
+    spec: dict[str, object] = {
         "img_size": encoder.img_size,
         "in_chans": encoder.in_chans,
         "mean": encoder.mean.flatten().tolist(),
@@ -65,10 +66,14 @@ def preprocessing_spec(encoder: Encoder) -> dict[str, object]:
         "resize": "bilinear-antialias",
         "pool": encoder.pool,
     }
+    if bf16:
+        # bf16 autocast gives other numbers than fp32; named only when on, so existing fp32 files keep their key.
+        spec["autocast"] = "bf16"
+    return spec
 
 
-def _key(encoder: Encoder, images: ImageSet) -> dict[str, str]:
-    return cache.cache_key(weights_hash(encoder.backbone), preprocessing_spec(encoder), images.fingerprint())
+def _key(encoder: Encoder, images: ImageSet, bf16: bool) -> dict[str, str]:
+    return cache.cache_key(weights_hash(encoder.backbone), preprocessing_spec(encoder, bf16), images.fingerprint())
 
 
 def _columns(images: ImageSet, start: int = 0, stop: int | None = None) -> dict[str, Any]:
@@ -188,7 +193,7 @@ def embed(
     """
     env = init_distributed()
     out = Path(out_path) if out_path is not None else None
-    key = _key(encoder, images) if out is not None else {}
+    key = _key(encoder, images, bf16) if out is not None else {}
     if out is not None and cache.is_current(out, key, len(images), _required(images)):
         return read_embeddings(out)[0]
     if env.enabled:
@@ -196,7 +201,7 @@ def embed(
     started = time.perf_counter()
     features = extract_features(encoder, images, batch_size, num_workers, bf16)
     if out is not None:
-        attrs = {**key, **cache.describe(preprocessing_spec(encoder), encoder.embed_dim)}
+        attrs = {**key, **cache.describe(preprocessing_spec(encoder, bf16), encoder.embed_dim)}
         cache.write(out, features, attrs, _columns(images))
     return _whole(images, features, out, time.perf_counter() - started)
 
@@ -237,7 +242,7 @@ def _embed_sharded(
         cache.write(part, shard(), part_key, _columns(images, start, stop))
     barrier(env)
     if env.is_main:
-        attrs = {**key, **cache.describe(preprocessing_spec(encoder), encoder.embed_dim)}
+        attrs = {**key, **cache.describe(preprocessing_spec(encoder, bf16), encoder.embed_dim)}
         cache.merge_parts(out, env, attrs, lambda merged, where: _check_ids(merged, images, where))
     barrier(env)
     result = read_embeddings(out)[0]

@@ -159,14 +159,15 @@ def output_key(
     coords: np.ndarray,
     attrs: dict[str, Any],
     stain: MacenkoNormalizer | None = None,
+    bf16: bool = False,
 ) -> dict[str, str]:
     """What a finished features file must match to be reused: the feature cache's key for these tiles."""
-    return cache.cache_key(encoder_hash, slide_preprocessing(encoder, stain), tiles_hash(coords, attrs))
+    return cache.cache_key(encoder_hash, slide_preprocessing(encoder, stain, bf16), tiles_hash(coords, attrs))
 
 
-def slide_preprocessing(encoder: Encoder, stain: MacenkoNormalizer | None) -> dict[str, Any]:
+def slide_preprocessing(encoder: Encoder, stain: MacenkoNormalizer | None, bf16: bool = False) -> dict[str, Any]:
     # Features of stain-normalised tiles are different features: a change of reference recomputes them.
-    return {**preprocessing_spec(encoder), "stain_normalisation": _stain_name(stain)}
+    return {**preprocessing_spec(encoder, bf16), "stain_normalisation": _stain_name(stain)}
 
 
 def _stain_name(stain: MacenkoNormalizer | None) -> str:
@@ -261,7 +262,7 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
     final = ctx.out_dir / f"{job.stem}.h5"
     state = SlideState(ctx.out_dir / "state" / f"{job.stem}.json", job.stem)
     coords, attrs = read_patches(job.patches)
-    key = output_key(ctx.encoder, ctx.encoder_hash, coords, attrs, ctx.stain)
+    key = output_key(ctx.encoder, ctx.encoder_hash, coords, attrs, ctx.stain, ctx.bf16)
     stale = cache.temp_path(final)
     if state.interrupted:
         log.info("%s: the previous attempt was interrupted; starting this slide over", job.stem)
@@ -292,7 +293,7 @@ def embed_slide(job: SlideJob, ctx: EmbedContext) -> dict[str, Any]:
     tiles = SlideTiles(job.slide, coords, plan, ctx.stain)
     out_attrs = {
         **key,
-        **cache.describe(slide_preprocessing(ctx.encoder, ctx.stain), ctx.encoder.embed_dim),
+        **cache.describe(slide_preprocessing(ctx.encoder, ctx.stain, ctx.bf16), ctx.encoder.embed_dim),
         "encoder": ctx.encoder_name,
         "patch_size": plan.patch_size,
         "mpp": plan.target_mpp,
@@ -482,7 +483,7 @@ def is_embedded(job: SlideJob, ctx: EmbedContext) -> bool:
         coords, attrs = read_patches(job.patches)
     except DataError:
         return False
-    key = output_key(ctx.encoder, ctx.encoder_hash, coords, attrs, ctx.stain)
+    key = output_key(ctx.encoder, ctx.encoder_hash, coords, attrs, ctx.stain, ctx.bf16)
     return cache.is_current(final, key, len(coords), ("coords",))
 
 
