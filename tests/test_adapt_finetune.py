@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from medfoundry.adapt.finetune import FineTuner, layer_decay_param_groups
+from medfoundry.adapt.finetune import FineTuneConfig, FineTuner, layer_decay_param_groups
+from medfoundry.bench.classification import finetune_settings
 from medfoundry.bench.run import run_experiment
-from medfoundry.config import ExperimentConfig, load_config
+from medfoundry.config import EncoderConfig, ExperimentConfig, load_config
 from medfoundry.data.medmnist import load_medmnist_npz
 from medfoundry.data.sample import ImageSet
 from medfoundry.errors import ModelError
@@ -125,6 +126,20 @@ def test_layer_decay_param_groups() -> None:
     # A CNN has no blocks to decay over: every parameter at the base rate.
     cnn = create_encoder("resnet18", in_chans=1, seed=0)
     assert {g["lr"] for g in layer_decay_param_groups(cnn.backbone, head, base, 0.05, decay)} == {base}
+
+
+def test_random_weights_fine_tune_without_layer_decay(tmp_path: Path) -> None:
+    """Layer-wise decay protects pre-trained layers; the same ViT from random weights trains every layer at one lr."""
+    tune = FineTuneConfig(modes=["full"], layer_decay=0.75)
+    pretrained = EncoderConfig(name="fm", checkpoint=tmp_path / "ckpt")
+    assert finetune_settings(tune, pretrained).layer_decay == 0.75
+    recipe = tmp_path / "recipe.yaml"
+    for random in (
+        EncoderConfig(name="init", recipe=recipe, untrained=True),
+        EncoderConfig(name="vit", backbone="vit_tiny_28"),
+    ):
+        assert random.random_weights and finetune_settings(tune, random).layer_decay == 1.0
+    assert tune.layer_decay == 0.75  # the suite's own settings are left as they were
 
 
 def test_full_finetune_learns_and_keeps_best_weights(data: tuple[ImageSet, ImageSet]) -> None:

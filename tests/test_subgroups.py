@@ -15,7 +15,7 @@ from PIL import Image
 from medfoundry.config import SuiteConfig
 from medfoundry.data.manifest import load_image_folder, load_manifest
 from medfoundry.errors import DataError
-from medfoundry.evaluate.subgroups import SubgroupSettings, check_subgroups, subgroup_analysis
+from medfoundry.evaluate.subgroups import SubgroupSettings, check_subgroups, subgroup_analysis, subgroup_entry
 
 
 def test_subgroup_gap_is_flagged_and_small_groups_are_not_numbers() -> None:
@@ -46,6 +46,38 @@ def test_one_class_group_is_undefined_for_auroc_but_scored_for_accuracy() -> Non
     auroc, accuracy = entries
     assert [g["status"] for g in auroc["groups"]] == ["ok", "undefined"] and auroc["gap"] is None
     assert [g["status"] for g in accuracy["groups"]] == ["ok", "ok"] and accuracy["gap"] is not None
+
+
+def test_survival_group_with_too_few_events_is_not_a_number() -> None:
+    """A C-index over three deaths swings on one patient: the group is reported as too few events, not scored."""
+    from sksurv.metrics import concordance_index_censored
+
+    rng = np.random.default_rng(0)
+    groups = np.array(["colon"] * 40 + ["rectum"] * 30)
+    event = np.zeros(70, dtype=bool)
+    event[rng.choice(40, 12, replace=False)] = True
+    event[40 + rng.choice(30, 3, replace=False)] = True
+    time, risk = rng.uniform(1, 60, 70), rng.normal(size=70)
+    everyone = np.arange(70)
+
+    def point_of(cases: np.ndarray) -> float:  # Harrell's C of a boolean mask or an index array of cases
+        return float(concordance_index_censored(event[cases], time[cases], risk[cases])[0])
+
+    def draws_of(weights: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.asarray([point_of(np.repeat(everyone, row)) for row in (weights * mask).astype(np.int64)])
+
+    settings = SubgroupSettings(("site",), min_group_size=10, n_bootstrap=20, min_group_events=5)
+    patients = [f"p{i}" for i in range(70)]
+    entry = subgroup_entry("site", "c_index", list(groups), patients, point_of, draws_of, settings, event)
+    by_group = {g["group"]: g for g in entry["groups"]}
+    assert by_group["colon"]["status"] == "ok" and by_group["colon"]["events"] == 12
+    assert by_group["rectum"]["status"] == "too_few_events" and by_group["rectum"]["value"] is None
+    assert by_group["rectum"]["events"] == 3 and entry["gap"] is None  # one group with a value: no gap
+    notes = check_subgroups({"site": list(groups)}, ["site"], 10, "survival.csv", event, 5)
+    assert notes == [
+        "survival.csv: subgroup column 'site', group 'rectum' has 3 event(s) in the test split, below "
+        "min_group_events=5: reported as too few events"
+    ]
 
 
 def test_bad_subgroup_columns_give_one_line_naming_file_and_column(tmp_path: Path) -> None:

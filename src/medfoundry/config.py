@@ -135,6 +135,12 @@ class TaskSource(StrictModel):
     min_group_size: int = Field(
         10, ge=2, description="test cases a subgroup needs; smaller groups are reported as too small, not as numbers"
     )
+    min_group_events: int = Field(
+        5,
+        ge=1,
+        description="survival: events a subgroup needs in the test split for its C-index; groups with fewer are "
+        "reported as too few events, not as numbers",
+    )
 
     @model_validator(mode="after")
     def _one_way_in(self) -> TaskSource:
@@ -383,6 +389,11 @@ class EncoderConfig(StrictModel):
     img_size: int | None = None
     pool: Literal["default", "token+avg"] | None = None
     seed: int = 0
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the encoder starts from random weights (a backbone name, a model section, or untrained)."""
+        return self.untrained or self.backbone is not None or self.model is not None
 
     @model_validator(mode="after")
     def _one_source(self) -> EncoderConfig:

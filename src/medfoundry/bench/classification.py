@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medfoundry.adapt.finetune import FineTuner
+from medfoundry.adapt.finetune import FineTuneConfig, FineTuner
 from medfoundry.adapt.registry import ADAPTERS, create_adapter
 from medfoundry.adapt.supervised import SupervisedFromScratch
 from medfoundry.bench.grid import Cell, LabelBudgets, grid_cells
@@ -214,7 +214,7 @@ class ClassificationKind(TaskKind[Task]):
         )
         if not (config.finetune.modes and spec.finetune) or task.precomputed:
             return
-        tune = config.finetune
+        tune = finetune_settings(config.finetune, spec)
 
         def finetune(adapter: str, subset: np.ndarray, seed: int, fraction: float) -> CellOutput:
             mode = adapter.removeprefix("finetune-")
@@ -255,6 +255,13 @@ class ClassificationKind(TaskKind[Task]):
         if isinstance(task, ClassificationTask):
             analyse_cells(ctx, task, records)
         return paired_comparisons(ctx.config, task, records)
+
+
+def finetune_settings(tune: FineTuneConfig, spec: EncoderConfig) -> FineTuneConfig:
+    """The suite's fine-tuning settings for one encoder. Layer-wise lr decay protects pre-trained lower layers; an
+    encoder from random weights has nothing to protect, and decayed its patch embedding would barely move (0.75 ** 7,
+    13% of the lr, on a 6-block ViT), so it trains every layer at one lr: the same ViT trained from scratch."""
+    return tune.model_copy(update={"layer_decay": 1.0}) if spec.random_weights else tune
 
 
 def join_subgroup_file(images: Any, path: Path, id_column: str) -> None:

@@ -738,7 +738,12 @@ class SurvivalKind(TaskKind[SurvivalTask]):
         task = SurvivalTask(config, settings, data, splits, metrics, carved)
         if config.subgroups:
             task.subgroup_notes = check_subgroups(
-                task.test.metadata, config.subgroups, config.min_group_size, config.source
+                task.test.metadata,
+                config.subgroups,
+                config.min_group_size,
+                config.source,
+                task.test.event,
+                config.min_group_events,
             )
         return task
 
@@ -830,7 +835,7 @@ class SurvivalKind(TaskKind[SurvivalTask]):
             ctx.echo(f"  [{task.name}] {note}")
         test, evaluate, spec = task.test, ctx.config.evaluate, task.config
         settings = SubgroupSettings(tuple(spec.subgroups), spec.min_group_size, evaluate.n_bootstrap,
-                                    evaluate.confidence, ctx.config.adapt.seeds[0])  # fmt: skip
+                                    evaluate.confidence, ctx.config.adapt.seeds[0], spec.min_group_events)  # fmt: skip
         everyone = np.arange(len(test))
         cells = []
         for model, adapter in fits:
@@ -849,11 +854,12 @@ class SurvivalKind(TaskKind[SurvivalTask]):
             cell = {"model": model, "adapter": adapter, "label_fraction": fraction, "seed": settings.seed}
             for column in spec.subgroups:
                 entry = subgroup_entry(column, HEADLINE, test.metadata[column], test.patient_ids, point_of,
-                                       draws_of, settings)  # fmt: skip
+                                       draws_of, settings, test.event)  # fmt: skip
                 cells.append({**cell, **entry})
         task.subgroups = {
             "columns": list(spec.subgroups),
             "min_group_size": spec.min_group_size,
+            "min_group_events": spec.min_group_events,
             "groups": {c: sorted(set(test.metadata[c])) for c in spec.subgroups},
             "cells": cells,
         }

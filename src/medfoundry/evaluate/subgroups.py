@@ -5,8 +5,9 @@ and the worst group with its own CI.
 The groups are scored on the same resamples of the whole test set's patients: each resample's weights are masked
 to one group at a time, so a group's CI and the gap's CI come from one joint bootstrap (the gap's draws are the
 difference of the two groups' draws on each resample). A gap whose CI excludes 0 is flagged. A group with fewer
-than ``min_group_size`` test cases is reported as too small, never as a number; a metric undefined on a group (a
-group holding one class, for AUROC) is reported as undefined.
+than ``min_group_size`` test cases is reported as too small, never as a number; so is a survival group with fewer
+than ``min_group_events`` events (a C-index over a handful of events swings on one patient). A metric undefined on a
+group (a group holding one class, for AUROC) is reported as undefined.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from medfoundry.evaluate.metrics import (
 
 _BETWEEN_CLASSES = frozenset({"auroc", "f1", "kappa"})
 TOO_SMALL = "too_small"
+TOO_FEW_EVENTS = "too_few_events"
 UNDEFINED = "undefined"
 OK = "ok"
 
@@ -43,13 +45,20 @@ class SubgroupSettings:
     n_bootstrap: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    min_group_events: int = 0
 
 
 def check_subgroups(
-    metadata: dict[str, list[str]] | None, columns: Sequence[str], min_group_size: int, source: Path | str | None
+    metadata: dict[str, list[str]] | None,
+    columns: Sequence[str],
+    min_group_size: int,
+    source: Path | str | None,
+    events: np.ndarray | None = None,
+    min_group_events: int = 0,
 ) -> list[str]:
     """Raise one line naming the file and column when a declared column is missing or has fewer than two groups of
-    ``min_group_size`` cases (no gap can be estimated); return a one-line note per group that is too small."""
+    ``min_group_size`` cases (no gap can be estimated); return a one-line note per group that is too small, or (for
+    survival, given ``events``) has fewer than ``min_group_events`` events."""
     found = sorted(metadata or {})
     notes = []
     for column in columns:
@@ -72,6 +81,14 @@ def check_subgroups(
             for n, c in zip(names, counts, strict=True)
             if c < min_group_size
         ]
+        if events is not None:
+            labels = np.asarray(metadata[column])
+            notes += [
+                f"{source}: subgroup column {column!r}, group {str(n)!r} has {k} event(s) in the test split, below "
+                f"min_group_events={min_group_events}: reported as too few events"
+                for n, c in zip(names, counts, strict=True)
+                if c >= min_group_size and (k := int(np.asarray(events)[labels == n].sum())) < min_group_events
+            ]
     return notes
 
 
@@ -87,14 +104,22 @@ def _score_groups(
     patient_index: np.ndarray,
     n_patients: int,
     settings: SubgroupSettings,
+    events: np.ndarray | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Each group's point value, CI and status, and the bootstrap draws of the groups that have a value.
 
     ``point_of(mask)`` is the metric on one group's cases (NaN: undefined there); ``draws_of(weights, mask)`` its
-    values on a batch of patient-resample weight rows restricted to that group."""
+    values on a batch of patient-resample weight rows restricted to that group; ``events`` (survival) the event
+    indicator, whose count per group must reach ``settings.min_group_events``."""
     rows: list[dict[str, Any]] = []
     masks = {name: groups == name for name in names}
-    scored = [n for n in names if masks[n].sum() >= settings.min_group_size]
+    status = {n: OK for n in names}
+    for name in names:
+        if masks[name].sum() < settings.min_group_size:
+            status[name] = TOO_SMALL
+        elif events is not None and events[masks[name]].sum() < settings.min_group_events:
+            status[name] = TOO_FEW_EVENTS
+    scored = [n for n in names if status[n] == OK]
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in scored}
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         # A group absent from a resample has no value there: a NaN draw, counted as skipped.
@@ -106,8 +131,10 @@ def _score_groups(
         for name in names:
             mask = masks[name]
             row: dict[str, Any] = {"group": name, "n": int(mask.sum()), "n_patients": len(set(patient_index[mask]))}
+            if events is not None:
+                row["events"] = int(events[mask].sum())
             if name not in scored:
-                rows.append({**row, "status": TOO_SMALL, "value": None, "ci_low": None, "ci_high": None})
+                rows.append({**row, "status": status[name], "value": None, "ci_low": None, "ci_high": None})
                 continue
             point = float(point_of(mask))
             if not np.isfinite(point):
@@ -127,16 +154,18 @@ def subgroup_entry(
     point_of: Callable[[np.ndarray], float],
     draws_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
     settings: SubgroupSettings,
+    events: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """One metric on the groups of one column: the groups' values with CIs, the worst and best group, the gap
     between them with its CI (positive: the best group is better) and whether that CI excludes 0. Any task kind
     whose metric can be computed on a group and on patient-resample weights uses this (``point_of``/``draws_of``
-    as in :func:`_score_groups`)."""
+    as in :func:`_score_groups`; ``events`` for survival)."""
     _, patient_index = np.unique(np.asarray([str(p) for p in patient_ids]), return_inverse=True)
     n_patients = int(patient_index.max()) + 1
     labels = np.asarray([str(g) for g in groups])
     names = [str(n) for n in np.unique(labels)]
-    rows, draws = _score_groups(point_of, draws_of, labels, names, patient_index, n_patients, settings)
+    event_flags = None if events is None else np.asarray(events, dtype=bool)
+    rows, draws = _score_groups(point_of, draws_of, labels, names, patient_index, n_patients, settings, event_flags)
     entry: dict[str, Any] = {"column": column, "metric": metric, "groups": rows}
     valued = [r for r in rows if r["status"] == OK]
     if len(valued) < 2:

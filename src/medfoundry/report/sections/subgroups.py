@@ -11,12 +11,18 @@ from typing import Any
 from markupsafe import Markup
 from matplotlib.figure import Figure
 
+from medfoundry.evaluate.subgroups import TOO_FEW_EVENTS, TOO_SMALL, UNDEFINED
 from medfoundry.report.context import TaskContext
 from medfoundry.report.sections.calibration import task_analysis
 from medfoundry.report.summary import metric_label
 from medfoundry.report.templating import render
 
 _FALLBACK_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+NOT_SCORED = {TOO_SMALL: "too small", TOO_FEW_EVENTS: "too few events", UNDEFINED: "undefined"}
+
+
+def _events(group: dict[str, Any]) -> str:
+    return f", {group['events']} events" if "events" in group else ""
 
 
 def _number(x: Any) -> float:
@@ -66,7 +72,7 @@ def plot_forest(entries: list[dict[str, Any]], panels: list[tuple[str, str]], co
             for i, g in enumerate(entry["groups"]):
                 y = i - 0.4 + step * (j + 0.5)
                 if g["status"] != "ok":
-                    ax.text(0.01, y, "too small" if g["status"] == "too_small" else "undefined", fontsize=6,
+                    ax.text(0.01, y, NOT_SCORED[g["status"]], fontsize=6,
                             color="#777777", va="center", transform=ax.get_yaxis_transform())  # fmt: skip
                     continue
                 low, high, value = _number(g["ci_low"]), _number(g["ci_high"]), _number(g["value"])
@@ -99,7 +105,7 @@ def subgroups(ctx: TaskContext) -> Markup:
     figure = plot_forest(entries, panels, ctx.report.colours) if panels else None
     rows = []
     for e in entries:
-        skipped = [f"{g['group']} ({'too small' if g['status'] == 'too_small' else 'undefined'}, n={g['n']})"
+        skipped = [f"{g['group']} ({NOT_SCORED[g['status']]}, n={g['n']}{_events(g)})"
                    for g in e["groups"] if g["status"] != "ok"]  # fmt: skip
         rows.append({**e, "skipped": ", ".join(skipped)})
     rows.sort(key=lambda r: (r["column"], metrics.index(r["metric"]), r["model"], r["adapter"]))
@@ -111,5 +117,6 @@ def subgroups(ctx: TaskContext) -> Markup:
         flagged=flagged,
         fraction=entries[0]["label_fraction"],
         min_group_size=analysis.get("min_group_size"),
+        min_group_events=analysis.get("min_group_events"),
         panels=panels,
     )
