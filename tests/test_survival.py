@@ -75,6 +75,11 @@ def test_tcga_suite_features_vs_stage_and_resume(tcga_table: Path, tmp_path: Pat
     assert sex["gap"]["ci_low"] <= sex["gap"]["value"] <= sex["gap"]["ci_high"]
     sizes = {g["group"]: (g["n"], g["status"]) for g in entries[("stage-only", "tumor_tissue_site")]["groups"]}
     assert sizes["missing"][1] == "too_small"  # fewer than min_group_size test patients: no number
+    # Fewer than min_group_events deaths (default 5): no C-index either, however many patients the group has.
+    for group in entries[("stage-only", "msi_status")]["groups"]:
+        few_deaths = group["n"] >= subgroups["min_group_size"] and group["events"] < subgroups["min_group_events"]
+        assert (group["status"] == "too_few_events") == few_deaths and (group["value"] is None or not few_deaths)
+    assert any(g["status"] == "too_few_events" for g in entries[("stage-only", "msi_status")]["groups"])
     assert "Subgroups" in report
 
     predictions = sorted((tmp_path / "run" / "tasks" / "tcga_crc_os" / "predictions").glob("*.csv"))
