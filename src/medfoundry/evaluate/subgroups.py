@@ -82,12 +82,13 @@ def check_subgroups(
             if c < min_group_size
         ]
         if events is not None:
-            labels = np.asarray(metadata[column])
+            labels, happened = np.asarray(metadata[column]), np.asarray(events, dtype=bool)
+            deaths = {n: int(happened[labels == n].sum()) for n in names}
             notes += [
-                f"{source}: subgroup column {column!r}, group {str(n)!r} has {k} event(s) in the test split, below "
-                f"min_group_events={min_group_events}: reported as too few events"
+                f"{source}: subgroup column {column!r}, group {str(n)!r} has {deaths[n]} event(s) in the test split, "
+                f"below min_group_events={min_group_events}: reported as too few events"
                 for n, c in zip(names, counts, strict=True)
-                if c >= min_group_size and (k := int(np.asarray(events)[labels == n].sum())) < min_group_events
+                if c >= min_group_size and deaths[n] < min_group_events
             ]
     return notes
 
