@@ -132,4 +132,14 @@ def test_fundus_image_set_loads_and_fingerprints(tmp_path: Path) -> None:
     assert images.crop(0)[1].quality_ok
     contrast = FundusImageSet("eyes", tmp_path, paths, ids, ids, np.array([0, 1]), image_size=48, local_contrast=True)
     assert contrast.fingerprint() != images.fingerprint()
+    assert contrast.content_fingerprint() != images.content_fingerprint()
     assert images.subset([1]).load(0).shape == (3, 48, 48)
+    # Copied elsewhere: the quick fingerprint (paths, times) changes, the content fingerprint does not.
+    (tmp_path / "copy").mkdir()
+    copies = [tmp_path / "copy" / path.name for path in paths]
+    for path, copy in zip(paths, copies, strict=True):
+        copy.write_bytes(path.read_bytes())
+    moved = FundusImageSet("eyes", tmp_path, copies, ids, ids, np.array([0, 1]), ["x", "y"], image_size=48)
+    assert moved.fingerprint() != images.fingerprint()
+    assert moved.content_fingerprint() == images.content_fingerprint()
+    assert moved.subset([1]).content_fingerprint() == images.subset([1]).content_fingerprint()

@@ -387,3 +387,44 @@ def test_fingerprint_holds_only_the_running_methods_section(breastmnist_npz: Pat
     assert run_fingerprint(other_method, images, encoder) == same
     own = base.model_copy(update={"simclr": SimCLRConfig(temperature=0.5)})
     assert run_fingerprint(own, images, encoder) != same
+
+
+def _xray_folder(source: Path, target: Path, per_class: int = 12) -> Path:
+    """A class-per-folder copy of the first real Kermany X-rays, written anew (new paths, new modification times)."""
+    for label in ("NORMAL", "PNEUMONIA"):
+        (target / label).mkdir(parents=True)
+        for path in sorted((source / label).iterdir())[:per_class]:
+            (target / label / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def test_resume_survives_a_copied_data_folder_but_not_changed_images(shared_data: Path, tmp_path: Path) -> None:
+    """A user copies their data folder (new paths and times, same bytes) between a stopped run and its resume: the
+    run resumes. Rewrite one image and the same state is refused."""
+    from medfoundry.data.registry import load_dataset
+
+    source = shared_data / "kermany_cxr_224_trainsubset"
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent")
+    first = _xray_folder(source, tmp_path / "first")
+    copied = _xray_folder(source, tmp_path / "copied")
+
+    def images(folder: Path):  # noqa: ANN202 - a FileImageSet
+        return load_dataset(f"folder:{folder}", image_size=28, channels=1)["train"]
+
+    before, after = images(first), images(copied)
+    assert before.fingerprint() != after.fingerprint()  # the quick fingerprint sees paths and times
+    assert before.content_fingerprint() == after.content_fingerprint()
+
+    config = PretrainConfig(**{**SMALL, "method": "simclr", "epochs": 4, "batch_size": 8})
+    out = tmp_path / "run"
+    encoder = create_encoder("vit_tiny_28", in_chans=1, seed=0)
+    part = pretrain(before, encoder, config, out, stop_after_steps=2, show_progress=False)
+    assert part.steps == 2 and not part.finished
+    resumed = pretrain(after, create_encoder("vit_tiny_28", in_chans=1, seed=0), config, out, show_progress=False)
+    assert resumed.resumed_from_step == 2 and resumed.finished
+
+    changed = sorted((copied / "NORMAL").iterdir())[0]
+    changed.write_bytes((source / "NORMAL" / sorted(p.name for p in (source / "NORMAL").iterdir())[-1]).read_bytes())
+    with pytest.raises(Exception, match="another config or data"):
+        pretrain(images(copied), create_encoder("vit_tiny_28", in_chans=1, seed=0), config, out, show_progress=False)

@@ -3,6 +3,7 @@ bad pairs, and the CLI. Tiny models (timm's test_resnet at 32 px, a 1-layer 64-w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -176,6 +177,22 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(vqa_splits, tmp_
     # Another config in the same folder is refused rather than silently mixed.
     with pytest.raises(MedfoundryError, match="another config"):
         train_clip(pairs, MODEL, tiny_config(epochs=4, batch_size=16, max_tokens=32), tmp_path / "resumed")
+
+
+def test_clip_resume_follows_the_images_not_their_paths(vqa_splits, tmp_path: Path) -> None:  # noqa: ANN001
+    """The pairs' images copied elsewhere resume the run; one image replaced is other data and is refused."""
+    pairs = vqa_splits["train"].subset(np.arange(16))
+    config = tiny_config(epochs=2, batch_size=16, max_tokens=32, text_layers=1)
+    train_clip(pairs, MODEL, config, tmp_path / "run", stop_after_steps=1, show_progress=False)
+    (tmp_path / "copy").mkdir()
+    copies = [tmp_path / "copy" / f"{i}{path.suffix}" for i, path in enumerate(pairs.image_paths)]
+    for path, copy in zip(pairs.image_paths, copies, strict=True):
+        copy.write_bytes(path.read_bytes())
+    swapped = dataclasses.replace(pairs, image_paths=[pairs.image_paths[1], *pairs.image_paths[1:]])
+    with pytest.raises(MedfoundryError, match="another config or data"):
+        train_clip(swapped, MODEL, config, tmp_path / "run", show_progress=False)
+    moved = train_clip(dataclasses.replace(pairs, image_paths=copies), MODEL, config, tmp_path / "run")
+    assert moved.resumed_from_step == 1 and moved.finished
 
 
 def _bad_pairs_csv(folder: Path, images: list[Path]) -> Path:

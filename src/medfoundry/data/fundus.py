@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -242,7 +243,12 @@ class FundusImageSet(ImageSet):
 
     def fingerprint(self) -> str:
         """Hash of paths, file sizes and mtimes, ids, labels and the crop options (contents are not read)."""
-        digest = file_list_digest(self.paths, self.ids, self.patient_ids, self.labels)
+        return self._digest(file_list_digest(self.paths, self.ids, self.patient_ids, self.labels))
+
+    def content_fingerprint(self) -> str:
+        return self._digest(file_list_digest(self.paths, self.ids, self.patient_ids, self.labels, content=True))
+
+    def _digest(self, files: Any) -> str:
         options = f"fundus size={self.image_size} local_contrast={self.local_contrast} threshold={self.threshold}"
-        digest.update(options.encode())
-        return digest.hexdigest()[:16]
+        files.update(options.encode())
+        return files.hexdigest()[:16]

@@ -32,16 +32,28 @@ _HIGH_DEPTH_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def file_list_digest(
-    paths: Sequence[Path], ids: Sequence[str], patient_ids: Sequence[str], labels: np.ndarray | None
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    patient_ids: Sequence[str],
+    labels: np.ndarray | None,
+    content: bool = False,
 ) -> Any:
-    """A sha256 over each file's path, size and mtime, plus ids and labels; callers add their own options."""
+    """A sha256 over each file's path, size and mtime, plus ids and labels; callers add their own options.
+
+    ``content=True`` hashes each file's bytes instead of its path and times, so the digest survives a copy, a
+    move or a restore of the files (see :meth:`ImageSet.content_fingerprint`).
+    """
     digest = hashlib.sha256()
     for path in paths:
         try:
-            stat = path.stat()
+            if content:
+                with path.open("rb") as file:
+                    digest.update(hashlib.file_digest(file, "sha256").digest())
+            else:
+                stat = path.stat()
+                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         except OSError as exc:
             raise DataError("image file is missing or unreadable", path) from exc
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     digest.update("\n".join(ids).encode())
     digest.update("\n".join(patient_ids).encode())
     if labels is not None:
@@ -89,14 +101,19 @@ class FileImageSet(ImageSet):
     def fingerprint(self) -> str:
         """Hash of paths, file sizes, modification times, ids, labels and the resize setting.
 
-        File contents are not hashed: reading every image would make fingerprinting as slow as a full
-        pass over the data, while size + mtime changes whenever a file is rewritten in practice.
+        File contents are not hashed here: the caches ask often, and size + mtime changes whenever a file is
+        rewritten in practice. :meth:`content_fingerprint` reads the bytes instead.
         """
-        digest = file_list_digest(self.paths, self.ids, self.patient_ids, self.labels)
-        digest.update(repr(self.image_size).encode())
+        return self._digest(file_list_digest(self.paths, self.ids, self.patient_ids, self.labels))
+
+    def content_fingerprint(self) -> str:
+        return self._digest(file_list_digest(self.paths, self.ids, self.patient_ids, self.labels, content=True))
+
+    def _digest(self, files: Any) -> str:
+        files.update(repr(self.image_size).encode())
         if self.channels is not None:
-            digest.update(f"channels={self.channels}".encode())
-        return digest.hexdigest()[:16]
+            files.update(f"channels={self.channels}".encode())
+        return files.hexdigest()[:16]
 
 
 class CropFileImageSet(FileImageSet):
@@ -125,8 +142,8 @@ class CropFileImageSet(FileImageSet):
         self._last = (path, image)
         return image
 
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(super().fingerprint().encode())
+    def _digest(self, files: Any) -> str:
+        digest = hashlib.sha256(super()._digest(files).encode())
         digest.update(repr(self.boxes).encode())
         return digest.hexdigest()[:16]
 

@@ -59,7 +59,13 @@ class ConvertedChannels(ImageSet):
         return convert_channels(self.parent.load(index), self.channels, f"{self.source}#{self.ids[index]}")
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.parent.fingerprint()}|channels={self.channels}".encode()).hexdigest()[:16]
+        return self._digest(self.parent.fingerprint())
+
+    def content_fingerprint(self) -> str:
+        return self._digest(self.parent.content_fingerprint())
+
+    def _digest(self, parent: str) -> str:
+        return hashlib.sha256(f"{parent}|channels={self.channels}".encode()).hexdigest()[:16]
 
 
 class MixedImageSet(ImageSet):
@@ -97,9 +103,15 @@ class MixedImageSet(ImageSet):
         return convert_channels(images.load(local), self.channels, f"{images.source}#{images.ids[local]}")
 
     def fingerprint(self) -> str:
+        return self._digest([source.images.fingerprint() for source in self.sources])
+
+    def content_fingerprint(self) -> str:
+        return self._digest([source.images.content_fingerprint() for source in self.sources])
+
+    def _digest(self, parts: list[str]) -> str:
         digest = hashlib.sha256(str(self.channels).encode())
-        for source in self.sources:
-            digest.update(f"{source.images.fingerprint()}|{source.weight!r}".encode())
+        for part, source in zip(parts, self.sources, strict=True):
+            digest.update(f"{part}|{source.weight!r}".encode())
         return digest.hexdigest()[:16]
 
     def epoch_order(self, generator: torch.Generator) -> list[int]:

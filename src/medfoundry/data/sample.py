@@ -43,6 +43,15 @@ class ImageSet(ABC):
     def fingerprint(self) -> str:
         """A hash of the content that changes whenever images, ids or labels change."""
 
+    def content_fingerprint(self) -> str:
+        """Like :meth:`fingerprint`, but from the images' bytes alone, never from where the files lie or when they
+        were written: it stays the same when the data are copied, moved or restored from a backup.
+
+        File-backed sets read every file once for it (bytes, not decoded pixels), so it is meant for long jobs
+        that resume (pre-training) rather than for every cache lookup. In-memory arrays hash their content anyway.
+        """
+        return self.fingerprint()
+
     @property
     def num_channels(self) -> int:
         return int(self.load(0).shape[0])
@@ -104,7 +113,13 @@ class SubsetImageSet(ImageSet):
         return self.parent.load(int(self.indices[index]))
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.parent.fingerprint().encode())
+        return self._digest(self.parent.fingerprint())
+
+    def content_fingerprint(self) -> str:
+        return self._digest(self.parent.content_fingerprint())
+
+    def _digest(self, parent: str) -> str:
+        digest = hashlib.sha256(parent.encode())
         digest.update(self.indices.tobytes())
         return digest.hexdigest()[:16]
 

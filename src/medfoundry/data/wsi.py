@@ -103,6 +103,7 @@ class WSITileSet(ImageSet):
             region = region.resize((self.grid.tile_size, self.grid.tile_size), Image.Resampling.BILINEAR)
         return np.ascontiguousarray(np.asarray(region).transpose(2, 0, 1))
 
+    # No content_fingerprint of its own: a slide is gigabytes, so a resumed job keys on its path, size and time.
     def fingerprint(self) -> str:
         stat = self.path.stat()
         digest = hashlib.sha256(f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())

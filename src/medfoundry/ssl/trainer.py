@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,7 +127,14 @@ def run_fingerprint(
     encoder: Encoder,
     init_weights: str = "",
     method_inputs: dict[str, Any] | None = None,
+    content: bool = True,
 ) -> str:
+    """What makes a run the same run: its functional config, starting weights, architecture and data.
+
+    The data enter by their content (``ImageSet.content_fingerprint``): a run whose data folder was copied, moved
+    or restored still resumes. ``content=False`` uses the quick fingerprint (paths, sizes, times) instead.
+    """
+    data = images.content_fingerprint() if content else images.fingerprint()
     functional = {
         k: v for k, v in config.model_dump(mode="json").items() if k not in _NON_FUNCTIONAL and k not in _BUDGET
     }
@@ -139,9 +147,30 @@ def run_fingerprint(
     # What else a method learns from (a distillation teacher's weights): a replaced teacher file is another run.
     if method_inputs:
         functional["method_inputs"] = method_inputs
-    return hash_json(
-        {"config": functional, "data": images.fingerprint(), "arch": [encoder.timm_name, encoder.timm_kwargs]}
-    )
+    return hash_json({"config": functional, "data": data, "arch": [encoder.timm_name, encoder.timm_kwargs]})
+
+
+def _checked_fingerprint(
+    state: dict[str, Any] | None, quick: str, content_fingerprint: Callable[[], str], state_path: Path
+) -> str:
+    """The run's fingerprint, checked against a saved ``state`` when there is one.
+
+    An untouched run resumes on its quick fingerprint without reading the data. Otherwise the images' bytes
+    decide: the same content under new paths or times resumes, anything else is another run and is refused.
+    """
+    # A state written before content fingerprints holds only the quick one, as "fingerprint".
+    if state is not None and state.get("quick_fingerprint", state["fingerprint"]) == quick:
+        return str(state["fingerprint"])
+    fingerprint = content_fingerprint()
+    if state is not None:
+        if state["fingerprint"] != fingerprint:
+            raise MedfoundryError(
+                "existing training state was made with another config or data; use a new output folder "
+                "or delete it to start over",
+                state_path,
+            )
+        log.info("the data files were moved or rewritten, with the same content: resuming")
+    return fingerprint
 
 
 def budget_of(config: PretrainConfig) -> dict[str, Any]:
@@ -206,7 +235,7 @@ def _save_state(
     method: SSLMethod,
     optimizer: torch.optim.Optimizer,
     step: int,
-    fingerprint: str,
+    fingerprints: tuple[str, str],
     monitor: CollapseMonitor,
     budget: _Budget,
 ) -> None:
@@ -216,7 +245,8 @@ def _save_state(
                 "method": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "step": step,
-                "fingerprint": fingerprint,
+                "fingerprint": fingerprints[0],
+                "quick_fingerprint": fingerprints[1],
                 "monitor": monitor.history,
                 "warnings": monitor.warnings,
                 "budget": budget.budget,
@@ -299,8 +329,12 @@ def pretrain(
     method = prepare_for_ddp(method, env).to(env.device)
     optimizer = _optimizer(method, config)
     method_inputs = method.fingerprint_inputs() if hasattr(method, "fingerprint_inputs") else None
-    fingerprint = run_fingerprint(config, images, encoder, init_weights, method_inputs)
+    quick = run_fingerprint(config, images, encoder, init_weights, method_inputs, content=False)
     state_path = output_dir / STATE_FILE
+    state = load_training_state(state_path) if resume and state_path.is_file() else None
+    fingerprint = _checked_fingerprint(
+        state, quick, lambda: run_fingerprint(config, images, encoder, init_weights, method_inputs), state_path
+    )
     steps_per_epoch = EpochBatchSampler(len(images), config.batch_size, 1, config.seed).steps_per_epoch
     planned = budget_steps(config, steps_per_epoch)
     start_step, monitor = 0, CollapseMonitor()
@@ -308,14 +342,7 @@ def pretrain(
     budget = _Budget(budget_of(config), planned)
     if not method.spread_signals_collapse:
         monitor.min_feature_std = 0.0
-    if resume and state_path.is_file():
-        state = load_training_state(state_path)
-        if state["fingerprint"] != fingerprint:
-            raise MedfoundryError(
-                "existing training state was made with another config or data; use a new output folder "
-                "or delete it to start over",
-                state_path,
-            )
+    if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, saved_readings = int(state["step"]), state
@@ -432,7 +459,7 @@ def pretrain(
             if env.is_main and (step % config.checkpoint_every_steps == 0 or at_end):
                 budget_now = _Budget(budget.budget, budget.total_steps, budget.trained_seconds + now - started)
                 budget_now.seconds_per_step = budget.seconds_per_step
-                _save_state(state_path, method, optimizer, step, fingerprint, monitor, budget_now)
+                _save_state(state_path, method, optimizer, step, (fingerprint, quick), monitor, budget_now)
                 saved_at = step
             if config.stop_on_collapse and monitor.collapsed:
                 log.error("stopping: %s", monitor.message())
@@ -449,7 +476,7 @@ def pretrain(
     # A verdict on the state the encoder ends in, kept in the state like every other reading.
     final_warnings = monitor.finish() if finished else []
     if env.is_main and (saved_at != step or final_warnings) and (step > start_step or final_warnings):
-        _save_state(state_path, method, optimizer, step, fingerprint, monitor, budget)
+        _save_state(state_path, method, optimizer, step, (fingerprint, quick), monitor, budget)
     result = PretrainResult(
         output_dir=output_dir,
         encoder_dir=output_dir / ENCODER_DIR,

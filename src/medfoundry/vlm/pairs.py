@@ -28,6 +28,7 @@ and all 203 test images also appear in the train file, so both files are pooled 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import re
@@ -112,8 +113,11 @@ class PairSet:
             self.skipped,
         )
 
-    def fingerprint(self) -> str:
-        return hash_json([self.image_ids, self.patient_ids, self.captions, [str(p) for p in self.image_paths]])
+    def fingerprint(self, images: np.ndarray) -> str:
+        """The pairs' ids, captions and decoded ``images`` (from :func:`load_pair_images`), never their file paths:
+        a copied or moved pairs folder is the same data, an image rewritten in place is not."""
+        pixels = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+        return hash_json([self.image_ids, self.patient_ids, self.captions, pixels])
 
 
 def load_pairs(spec: str | Path) -> PairSet:

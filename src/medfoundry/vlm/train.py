@@ -128,7 +128,7 @@ def train_clip(
     clip = config.clip
     images, pairs = load_pair_images(pairs, model_config.img_size, model_config.in_chans)
     texts, owner = pairs.texts()
-    fingerprint = hash_json({"config": _functional_config(config, model_config), "data": pairs.fingerprint()})
+    fingerprint = hash_json({"config": _functional_config(config, model_config), "data": pairs.fingerprint(images)})
     state_path, tokenizer_path = output_dir / STATE_FILE, output_dir / TOKENIZER_FILE
     state = load_training_state(state_path) if resume and state_path.is_file() else None
     if state is not None and state["fingerprint"] != fingerprint:
