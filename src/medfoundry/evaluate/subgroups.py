@@ -75,22 +75,31 @@ def check_subgroups(
                 f"test cases ({sizes}); no gap can be estimated",
                 source,
             )
-        notes += [
-            f"{source}: subgroup column {column!r}, group {str(n)!r} has {c} test case(s), below "
-            f"min_group_size={min_group_size}: reported as too small"
-            for n, c in zip(names, counts, strict=True)
-            if c < min_group_size
-        ]
-        if events is not None:
-            labels, happened = np.asarray(metadata[column]), np.asarray(events, dtype=bool)
-            deaths = {n: int(happened[labels == n].sum()) for n in names}
-            notes += [
-                f"{source}: subgroup column {column!r}, group {str(n)!r} has {deaths[n]} event(s) in the test split, "
-                f"below min_group_events={min_group_events}: reported as too few events"
-                for n, c in zip(names, counts, strict=True)
-                if c >= min_group_size and deaths[n] < min_group_events
-            ]
+        labels = np.asarray(metadata[column])
+        happened = None if events is None else np.asarray(events, dtype=bool)
+        for name, count in zip(names, counts, strict=True):
+            n_events = None if happened is None else int(happened[labels == name].sum())
+            status = group_status(int(count), n_events, min_group_size, min_group_events)
+            where = f"{source}: subgroup column {column!r}, group {str(name)!r}"
+            if status == TOO_SMALL:
+                notes.append(
+                    f"{where} has {count} test case(s), below min_group_size={min_group_size}: reported as too small"
+                )
+            elif status == TOO_FEW_EVENTS:
+                notes.append(
+                    f"{where} has {n_events} event(s) in the test split, below min_group_events={min_group_events}: "
+                    "reported as too few events"
+                )
     return notes
+
+
+def group_status(n_cases: int, n_events: int | None, min_group_size: int, min_group_events: int) -> str:
+    """Whether a group is scored (OK) or reported as too small or (survival, ``n_events`` given) too few events."""
+    if n_cases < min_group_size:
+        return TOO_SMALL
+    if n_events is not None and n_events < min_group_events:
+        return TOO_FEW_EVENTS
+    return OK
 
 
 def _better_sign(metric: str) -> float:
@@ -114,12 +123,15 @@ def _score_groups(
     indicator, whose count per group must reach ``settings.min_group_events``."""
     rows: list[dict[str, Any]] = []
     masks = {name: groups == name for name in names}
-    status = {n: OK for n in names}
-    for name in names:
-        if masks[name].sum() < settings.min_group_size:
-            status[name] = TOO_SMALL
-        elif events is not None and events[masks[name]].sum() < settings.min_group_events:
-            status[name] = TOO_FEW_EVENTS
+    status = {
+        name: group_status(
+            int(mask.sum()),
+            None if events is None else int(events[mask].sum()),
+            settings.min_group_size,
+            settings.min_group_events,
+        )
+        for name, mask in masks.items()
+    }
     scored = [n for n in names if status[n] == OK]
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in scored}
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
