@@ -226,6 +226,14 @@ def test_no_bootstrap_gives_nan_ci() -> None:
         ([0.5, 1], np.full((2, 2), 0.5), None, {}, DataError, "integer class indices"),
         ([0, 1], np.full((2, 2), 0.5), ["a"], {}, DataError, "patient_ids has 1 entries but proba has 2"),
         ([0, 1, 2], np.full((3, 3), 0.5), None, {}, DataError, "rows sum to 1.*apply softmax"),
+        (
+            [0, 1, 2],
+            np.full((3, 3), 0.5),
+            None,
+            {"metrics": ("brier",)},
+            DataError,
+            "multi-class brier need.*rows sum to 1",
+        ),
         ([0, 1], np.full((2, 2), 0.5), None, {"metrics": ("nometric",)}, MedfoundryError, "unknown metric.*nometric"),
         ([0, 1], np.full((2, 2), 0.5), None, {"confidence": 95}, MedfoundryError, "confidence must be"),
         ([], np.zeros((0, 2)), None, {}, DataError, "empty test set"),
@@ -242,3 +250,17 @@ def test_invalid_inputs_raise_clear_one_line_errors(
     with pytest.raises(error, match=match) as info:
         compute_metrics(y, proba, patients, **kwargs)  # type: ignore[arg-type]
     assert "\n" not in str(info.value)
+
+
+def test_float32_softmax_rows_score_brier_and_ece_without_sklearn_warnings() -> None:
+    # A probe's float32 softmax is off by ~1e-7 per row: fine as a distribution, but sklearn's float64 check warned
+    # on every Brier call (once per bootstrap resample), which filled evaluation logs with "do not sum to one".
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(90, 3)).astype(np.float32)
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert np.abs(proba.astype(np.float64).sum(axis=1) - 1.0).max() > 1e-8
+    y = rng.integers(0, 3, 90)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = compute_metrics(y, proba, metrics=("brier", "ece"), n_bootstrap=20)
+    assert 0.0 < result["brier"].value < 2.0

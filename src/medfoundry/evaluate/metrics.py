@@ -48,6 +48,8 @@ LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "brier"})
 MULTILABEL_METRICS: frozenset[str] = frozenset({"auroc"})
 # Metrics of a hard decision, which a binary decision threshold changes.
 THRESHOLDED_METRICS: frozenset[str] = frozenset({"accuracy", "balanced_accuracy", "f1", "kappa"})
+# Metrics that read the probability values of a single-label task, so each row must be a distribution.
+DISTRIBUTION_METRICS: frozenset[str] = frozenset({"auroc", "ece", "brier"})
 # Guo et al. (2017), "On calibration of modern neural networks", use 15 equal-width confidence bins.
 ECE_BINS = 15
 
@@ -349,14 +351,16 @@ def _validate(
         raise MedfoundryError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     if not 0.0 < confidence < 1.0:
         raise MedfoundryError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
-    if "auroc" in metrics and n_classes > 2 and not multilabel:
+    needs_distribution = [m for m in metrics if m in DISTRIBUTION_METRICS]
+    if needs_distribution and n_classes > 2 and not multilabel:
         row_sums = proba_arr.sum(axis=1)
         if not np.allclose(row_sums, 1.0, atol=1e-4):
             raise DataError(
-                "multi-class AUROC needs probabilities whose rows sum to 1 "
+                f"multi-class {', '.join(needs_distribution)} need(s) probabilities whose rows sum to 1 "
                 f"(found sums in [{row_sums.min():.4g}, {row_sums.max():.4g}]); apply softmax first"
             )
-        # Removes float32 rounding that would otherwise trip sklearn's stricter sum check.
+        # A float32 softmax read as float64 is off by ~1e-7, which trips sklearn's float64 sum check (a warning per
+        # call, one per bootstrap of the Brier score); dividing by the row sum removes only that rounding.
         proba_arr = proba_arr / row_sums[:, None]
 
     if patient_ids is None:
