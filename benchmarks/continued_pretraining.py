@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def table(result: dict[str, Any]) -> str:
     """Markdown: mean AUROC per encoder, adapter and label fraction, then each paired difference to target-only."""
+    from medfoundry.report.comparisons import difference_with_ci
+
     lines = ["| encoder | adapter | 1% | 10% | 100% |", "|---|---|---|---|---|"]
     for model, adapters in result["summary"].items():
         for adapter, fractions in adapters.items():
@@ -168,10 +170,8 @@ def table(result: dict[str, Any]) -> str:
             )
         ):
             continue
-        star = "*" if c["ci_low"] > 0 or c["ci_high"] < 0 else ""
         lines.append(
-            f"- {c['model_a']} + {c['adapter_a']} at {float(c['label_fraction']):.0%}: "
-            f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]{star}"
+            f"- {c['model_a']} + {c['adapter_a']} at {float(c['label_fraction']):.0%}: {difference_with_ci(c)}"
         )
     for name, stage in result["stages"].items():
         lines.append(f"- stage {name}: {stage['steps']} steps on {stage['images']} images, {stage['seconds']} s")

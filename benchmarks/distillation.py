@@ -192,6 +192,8 @@ def verdict(summary: dict[str, Any], speed: dict[str, float]) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
+    from medfoundry.report.comparisons import difference_with_ci
+
     summary, speed = report["summary"], report["inference_images_per_second"]
     lines = [
         "| encoder | AUROC 10% | AUROC 100% | distilled − it, 10% | distilled − it, 100% | img/s |",
@@ -201,8 +203,7 @@ def table(report: dict[str, Any]) -> str:
         cells = [f"{summary['auroc'].get(name, {}).get(str(f), float('nan')):.3f}" for f in FRACTIONS]
         for f in FRACTIONS:
             d = summary["distilled_minus"].get(name, {}).get(str(f))
-            star = "*" if d and (d["ci_low"] > 0 or d["ci_high"] < 0) else ""
-            cells.append(f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{star}" if d else "")
+            cells.append(difference_with_ci(d) if d else "")
         rate = speed.get(name)
         cells.append(f"{rate:.0f}" if rate else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -562,6 +562,8 @@ def fmt(stat: dict[str, float] | None) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: every cell, losers included, with the paired difference against random init (and scratch)."""
+    from medfoundry.report.comparisons import difference_with_ci
+
     lines = [
         "| data | budget | recipe | steps | probe | 1% | 10% | 100% | Δ vs random-init at 1% / 10% / 100% [95% CI] |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -593,12 +595,7 @@ def table(results: list[dict[str, Any]]) -> str:
                      and str(c["label_fraction"]) == fraction),
                     None,
                 )  # fmt: skip
-                diffs.append(
-                    "-"
-                    if comp is None
-                    else f"{comp['difference']:+.3f} [{comp['ci_low']:+.3f}, {comp['ci_high']:+.3f}]"
-                    + ("*" if comp["ci_low"] > 0 else "")
-                )
+                diffs.append(difference_with_ci(comp, star="positive"))
             flag = " (collapsed)" if cell.get("collapsed") else ""
             lines.append(
                 f"| {data} | {cell['minutes']} min | {name}{flag} | {cell['steps_done']} | {adapter} | "
@@ -625,10 +622,7 @@ def table(results: list[dict[str, Any]]) -> str:
                             None,
                         )  # fmt: skip
                         if comp is not None:
-                            diffs.append(
-                                f"{adapter} {fraction}: {comp['difference']:+.3f} "
-                                f"[{comp['ci_low']:+.3f}, {comp['ci_high']:+.3f}]"
-                            )
+                            diffs.append(f"{adapter} {fraction}: {difference_with_ci(comp, star='positive')}")
                 random_rows[f"{data}/{model}"].append(f"|  |  | {name} − {model} |  |  |  |  |  | {'; '.join(diffs)} |")
     lines += [row for rows in random_rows.values() for row in rows]
     out = "\n".join(lines)
@@ -636,7 +630,8 @@ def table(results: list[dict[str, Any]]) -> str:
         out += "\n\nNot run:\n" + "\n".join(f"- {s}" for s in skipped)
     return (
         out
-        + "\n\n* = the paired 95% CI excludes 0 (pre-trained better). AUROC on the test split, mean±sd over 3 seeds."
+        + "\n\n* = the paired 95% CI excludes 0 (pre-trained better); [no CI] = a single test patient, nothing to"
+        + " resample. AUROC on the test split, mean±sd over 3 seeds."
     )
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from medfoundry.cli import app
 from medfoundry.errors import DataError
 from medfoundry.evaluate.compare import paired_difference
-from medfoundry.evaluate.metrics import _WEIGHTED, resample_weights
+from medfoundry.evaluate.metrics import _WEIGHTED, compute_metrics, resample_weights
 from medfoundry.evaluate.predictions import (
     Predictions,
     align_predictions,
@@ -20,6 +20,7 @@ from medfoundry.evaluate.predictions import (
     read_predictions,
     write_predictions,
 )
+from medfoundry.report.comparisons import difference_with_ci
 
 
 def _phi(x: float) -> float:
@@ -167,3 +168,25 @@ def test_seed_lists_average_the_metric_and_share_resamples() -> None:
     assert pooled.value == pytest.approx(np.mean(per_seed))
     assert pooled.ci_low < pooled.value < pooled.ci_high
     assert pooled.excludes_zero  # A is built to rank far better than B
+
+
+def test_a_single_test_patient_gives_no_interval_and_no_significant_difference() -> None:
+    # One patient resampled is that patient every time: the "CI" would equal the point and any paired difference
+    # would read as significant (the bundled osteosarcoma suite's test split is one patient).
+    rng = np.random.default_rng(1)
+    y = np.tile([0, 1], 40)
+    proba_a = np.column_stack([1 - (p := np.clip(y * 0.6 + rng.uniform(0, 0.4, 80), 0, 1)), p])
+    proba_b = np.full((80, 2), 0.5)
+    patients = ["case-4"] * 80
+    with pytest.warns(RuntimeWarning, match="single patient"):
+        result = compute_metrics(y, proba_a, patients, metrics=("auroc",), n_bootstrap=50)
+    assert result["auroc"].value > 0.9
+    assert math.isnan(result["auroc"].ci_low) and math.isnan(result["auroc"].ci_high)
+    with pytest.warns(RuntimeWarning, match="single patient"):
+        diff = paired_difference(y, proba_a, proba_b, patients, n_bootstrap=50)
+    assert diff.value > 0.4 and not diff.excludes_zero
+    assert difference_with_ci({"difference": diff.value, "ci_low": diff.ci_low, "ci_high": diff.ci_high}).endswith(
+        "[no CI]"
+    )
+    two_patients = ["a"] * 40 + ["b"] * 40
+    assert paired_difference(y, proba_a, proba_b, two_patients, n_bootstrap=50).excludes_zero

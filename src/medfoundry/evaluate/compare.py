@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from medfoundry.errors import DataError, MedfoundryError
-from medfoundry.evaluate.metrics import METRICS, MetricValue, _bootstrap_values, _validate, resample_weights
+from medfoundry.evaluate.metrics import (
+    METRICS,
+    MetricValue,
+    _bootstrap_values,
+    _validate,
+    can_resample,
+    resample_weights,
+)
 
 
 @dataclass
@@ -78,7 +85,7 @@ def paired_difference(
     value_b = float(np.mean([METRICS[metric](y, p) for p in checked_b]))
     point = value_a - value_b
     nan = float("nan")
-    if n_bootstrap == 0:
+    if n_bootstrap == 0 or not can_resample(n_patients):
         return PairedDifference(point, nan, nan, 0, value_a, value_b, nan)
 
     def mean_over_runs(runs: list[np.ndarray], weights: np.ndarray) -> np.ndarray:

@@ -393,6 +393,24 @@ def _check_threshold(threshold: float, y: np.ndarray, proba: np.ndarray) -> None
         raise MedfoundryError(f"threshold must be a probability in [0, 1], got {threshold}")
 
 
+def can_resample(n_patients: int) -> bool:
+    """Whether resampling patients can give a confidence interval; warns once per call when it cannot.
+
+    With a single patient every resample is that patient again, so each draw equals the point estimate and the
+    "interval" has zero width: it would read as certain (and any paired difference as significant) when the test set
+    holds no evidence about patient-to-patient variation at all. Such CIs are reported as NaN ("not judged").
+    """
+    if n_patients >= 2:
+        return True
+    warnings.warn(
+        "the test set holds a single patient: resampling patients gives no confidence interval (reported as NaN); "
+        "hold out more patients to judge differences",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
 def resample_weights(patient_index: np.ndarray, n_patients: int, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
     """Chunks of bootstrap sample weights (chunk, N): each row is one resample of whole patients.
 
@@ -486,7 +504,7 @@ def compute_metrics(
                 stacklevel=2,
             )
 
-    if n_bootstrap == 0:
+    if n_bootstrap == 0 or not can_resample(n_patients):
         return {name: MetricValue(point[name], float("nan"), float("nan")) for name in metrics}
 
     draws: dict[str, list[np.ndarray]] = {name: [] for name in metrics}

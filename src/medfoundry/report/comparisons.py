@@ -135,3 +135,24 @@ def comparison_sentence(c: Comparison) -> str:
 def comparison_order(c: Comparison) -> tuple[Any, ...]:
     """Sort key: by label fraction, then metric, then the two sides in ladder order."""
     return (c.label_fraction, c.metric, c.model_a, adapter_key(c.adapter_a), c.model_b, adapter_key(c.adapter_b))
+
+
+def difference_with_ci(raw: Mapping[str, Any] | None, star: str = "either") -> str:
+    """A paired difference (``difference``, ``ci_low``, ``ci_high``) as ``+0.042 [+0.010, +0.075]*`` for Markdown
+    tables; ``[no CI]`` where the interval is missing (one test patient, too many undefined resamples).
+
+    ``star`` marks an interval that excludes 0: on ``"either"`` side, or only above 0 (``"positive"``, where A is
+    the better side). A difference without an interval is never starred.
+    """
+    if not raw:
+        return "-"
+
+    def number(key: str) -> float:
+        value = raw.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+    difference, low, high = number("difference"), number("ci_low"), number("ci_high")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{difference:+.3f} [no CI]"
+    starred = low > 0 or (star == "either" and high < 0)
+    return f"{difference:+.3f} [{low:+.3f}, {high:+.3f}]" + ("*" if starred else "")
