@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from medfoundry.cli import app
 from medfoundry.errors import DataError
 from medfoundry.evaluate.compare import paired_difference
-from medfoundry.evaluate.metrics import _WEIGHTED, compute_metrics, resample_weights
+from medfoundry.evaluate.metrics import _WEIGHTED, compute_metrics, percentile_interval, resample_weights
 from medfoundry.evaluate.predictions import (
     Predictions,
     align_predictions,
@@ -190,3 +190,12 @@ def test_a_single_test_patient_gives_no_interval_and_no_significant_difference()
     )
     two_patients = ["a"] * 40 + ["b"] * 40
     assert paired_difference(y, proba_a, proba_b, two_patients, n_bootstrap=50).excludes_zero
+
+
+def test_resampling_one_patient_yields_no_draws_so_every_interval_built_on_them_is_nan() -> None:
+    # Robustness, survival, segmentation and subgroups all build their CIs from resample_weights.
+    with pytest.warns(RuntimeWarning, match="single patient"):
+        chunks = list(resample_weights(np.zeros(12, dtype=np.int64), 1, 100, 0))
+    assert chunks == []
+    interval = percentile_interval(0.8, np.zeros(0), 100, 0.95)
+    assert interval.value == 0.8 and math.isnan(interval.ci_low) and math.isnan(interval.ci_high)

@@ -896,7 +896,11 @@ class SurvivalKind(TaskKind[SurvivalTask]):
         point = value_a - value_b
         interval = percentile_interval(point, np.asarray(diffs), n_bootstrap, config.evaluate.confidence)
         valid = np.asarray(diffs)[np.isfinite(diffs)]
-        share = float(np.mean(valid <= 0) if point > 0 else np.mean(valid >= 0) if point < 0 else 1.0)
+        share = (
+            float("nan")
+            if valid.size == 0
+            else float(np.mean(valid <= 0) if point > 0 else np.mean(valid >= 0) if point < 0 else 1.0)
+        )
         return {
             "task": task.name, "metric": HEADLINE, "label_fraction": fraction,
             "model_a": fit_a[0], "adapter_a": fit_a[1], "model_b": task.settings.baseline_name,

@@ -415,8 +415,11 @@ def resample_weights(patient_index: np.ndarray, n_patients: int, n_bootstrap: in
     """Chunks of bootstrap sample weights (chunk, N): each row is one resample of whole patients.
 
     Every sample of a patient inherits how often the patient was drawn. A caller that evaluates two
-    models on the same chunks gets a paired bootstrap.
+    models on the same chunks gets a paired bootstrap. Nothing is yielded for a single patient (``can_resample``),
+    so every interval built on these draws (``percentile_interval``) is NaN there rather than zero-width.
     """
+    if not can_resample(n_patients):
+        return
     rng = np.random.default_rng(seed)
     chunk = max(1, _MAX_CHUNK_ELEMENTS // max(patient_index.shape[0], n_patients))
     uniform = np.full(n_patients, 1.0 / n_patients)

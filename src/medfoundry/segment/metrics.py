@@ -118,6 +118,8 @@ def dice_with_ci(
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(per_class[:, 1:], axis=1) if per_class.shape[1] > 1 else np.full(len(weights), np.nan)
         draws.append(np.column_stack([per_class, mean]))
+    if not draws:  # a single test unit: nothing to resample
+        return {n: MetricValue(float(v), float("nan"), float("nan")) for n, v in zip(names, point_all, strict=True)}
     values = np.concatenate(draws)
     return {
         name: percentile_interval(float(point_all[j]), values[:, j], n_bootstrap, confidence)
