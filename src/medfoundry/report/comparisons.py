@@ -5,10 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from medfoundry.evaluate.metrics import LOWER_IS_BETTER
 from medfoundry.report.summary import adapter_key, format_fraction, format_number, metric_label
+
+
+def _number(raw: Mapping[str, Any], key: str, default: float = math.nan) -> float:
+    """``raw[key]`` as a float; ``default`` when it is missing or not a number (JSON null for a NaN CI, a bool)."""
+    value = raw.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,8 @@ class Comparison:
         if not isinstance(raw, Mapping):
             return None
 
-        def number(key: str, default: float = float("nan")) -> float:
-            value = raw.get(key)
-            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+        def number(key: str, default: float = math.nan) -> float:
+            return _number(raw, key, default)
 
         names = ("task", "metric", "model_a", "adapter_a", "model_b", "adapter_b")
         if not all(isinstance(raw.get(k), str) and raw.get(k) for k in names):
@@ -137,7 +142,7 @@ def comparison_order(c: Comparison) -> tuple[Any, ...]:
     return (c.label_fraction, c.metric, c.model_a, adapter_key(c.adapter_a), c.model_b, adapter_key(c.adapter_b))
 
 
-def difference_with_ci(raw: Mapping[str, Any] | None, star: str = "either") -> str:
+def difference_with_ci(raw: Mapping[str, Any] | None, star: Literal["either", "positive"] = "either") -> str:
     """A paired difference (``difference``, ``ci_low``, ``ci_high``) as ``+0.042 [+0.010, +0.075]*`` for Markdown
     tables; ``[no CI]`` where the interval is missing (one test patient, too many undefined resamples).
 
@@ -146,12 +151,7 @@ def difference_with_ci(raw: Mapping[str, Any] | None, star: str = "either") -> s
     """
     if not raw:
         return "-"
-
-    def number(key: str) -> float:
-        value = raw.get(key)
-        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-
-    difference, low, high = number("difference"), number("ci_low"), number("ci_high")
+    difference, low, high = (_number(raw, key) for key in ("difference", "ci_low", "ci_high"))
     if not (math.isfinite(low) and math.isfinite(high)):
         return f"{difference:+.3f} [no CI]"
     starred = low > 0 or (star == "either" and high < 0)
