@@ -166,6 +166,7 @@ def test_zero_shot_task_needs_no_encoder_and_resumes(trained, shared_data: Path,
     assert {r.metric for r in records} == {"auroc", "balanced_accuracy", "f1", "ece"}
     meta = first.results.metadata["tasks"]["kermany-zs"]
     assert meta["kind"] == "zero-shot" and list(meta["classes"]) == ["normal", "pneumonia"]
+    assert meta["grouping"] == "test split only (600 images of 598 patients); no label is used"
     proba = np.loadtxt(next((tmp_path / "out").glob("tasks/kermany-zs/predictions/*.csv")), delimiter=",",
                        skiprows=1, usecols=(3, 4))  # fmt: skip
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)

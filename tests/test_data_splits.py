@@ -285,3 +285,31 @@ def test_osteosarcoma_suite_leaves_patients_out(shared_data: Path, monkeypatch: 
     assert {name: len(images) for name, images in splits.items()} == {"train": 592, "val": 128, "test": 240}
     assert np.bincount(splits["test"].labels).tolist() == [48, 96, 96]  # all three classes in the test patient
     assert np.bincount(splits["train"].labels).tolist() == [144, 224, 224]
+
+
+def test_report_line_says_when_the_data_names_no_patients(breastmnist_npz: Path, shared_data: Path) -> None:
+    """BreastMNIST has no patient ids, so its splits are not 'grouped by patient'; Kermany's file names give them."""
+    from medfoundry.bench.engine import load_task
+    from medfoundry.config import TaskConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SplitOverlapWarning)  # BreastMNIST's one identical pair, tested above
+        breast = load_task(TaskConfig(name="breastmnist", source=str(breastmnist_npz)))
+    assert breast.grouping() == (
+        "the data names no patients, so each image counts as one (546/78/156 images in train/val/test, "
+        "none in two splits; confidence intervals resample images)"
+    )
+    kermany = load_task(
+        TaskConfig(
+            name="kermany",
+            source=f"folder:{shared_data / 'kermany_cxr_224_trainsubset'}",
+            options={"image_size": 32, "patient_regex": r"^(person\d+|(?:NORMAL2-)?IM-\d+)[-_]"},
+            test_fraction=0.2,
+            val_fraction=0.16,
+        )
+    )
+    line = kermany.grouping()
+    assert line.startswith("grouped by patient id (")
+    assert line.endswith("; test and val carved from train by patient id")
+    n_patients = [int(n) for n in line.split("(")[1].split(" ")[0].split("/")]
+    assert sum(n_patients) < len(kermany.train) + len(kermany.val) + len(kermany.test)  # patients, not images

@@ -108,6 +108,9 @@ def test_zero_shot_prompt_ensemble_on_kermany(trained, shared_data: Path, tmp_pa
     results = json.loads((out / "results.json").read_text())
     metrics = {r["metric"]: r for r in results["records"]}
     assert set(metrics) == {"auroc", "balanced_accuracy"}
+    # The folder names no patients unless a regex reads them from the file names (as here: 598 of them).
+    (grouping,) = [task["grouping"] for task in results["metadata"]["tasks"].values()]
+    assert grouping == "test split only (600 images of 598 patients); no label is used"
     for record in metrics.values():
         assert record["adapter"] == "zero-shot" and record["n_train"] == 0 and record["n_test"] == 600
         assert record["ci_low"] <= record["value"] <= record["ci_high"]

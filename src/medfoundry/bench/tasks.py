@@ -12,7 +12,7 @@ import numpy as np
 from medfoundry.config import DatasetSpec, TaskConfig
 from medfoundry.data.registry import load_dataset
 from medfoundry.data.sample import ArrayImageSet, ImageSet, Splits
-from medfoundry.data.splits import check_disjoint, patient_split
+from medfoundry.data.splits import check_disjoint, has_patient_ids, patient_split
 from medfoundry.errors import DataError
 from medfoundry.io_utils import hash_json
 from medfoundry.models.features import read_embeddings
@@ -44,6 +44,15 @@ class Task:
 
     def grouping(self) -> str:
         """How the splits were made, in words, for the report (patients never cross a split)."""
+        if not any(has_patient_ids(self.split(role)) for role in ROLES):
+            # MedMNIST and many folders name no patients: saying "grouped by patient" there would overstate what
+            # the split guarantees, and every bootstrap resamples images, not patients.
+            carved = f"; {' and '.join(self.carved)} carved from train image by image" if self.carved else ""
+            counts = "/".join(str(len(self.split(role))) for role in ROLES)
+            return (
+                f"the data names no patients, so each image counts as one ({counts} images in train/val/test, "
+                f"none in two splits; confidence intervals resample images){carved}"
+            )
         carved = f"; {' and '.join(self.carved)} carved from train by patient id" if self.carved else ""
         n_patients = {role: len(set(self.split(role).patient_ids)) for role in ROLES}
         counts = "/".join(str(n_patients[r]) for r in ROLES)

@@ -30,6 +30,7 @@ from medfoundry.bench.grid import Cell, LabelBudgets, grid_cells
 from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
 from medfoundry.bench.tasks import Task
 from medfoundry.config import EncoderConfig, EvaluateConfig, TaskConfig
+from medfoundry.data.splits import has_patient_ids
 from medfoundry.errors import MedfoundryError
 from medfoundry.evaluate.cells import CellOutput
 from medfoundry.evaluate.metrics import METRICS
@@ -66,6 +67,8 @@ class ZeroShotTask(Task):
         return class_prompts(self.classes, self.settings.templates)
 
     def grouping(self) -> str:
+        if not has_patient_ids(self.test):
+            return f"test split only ({len(self.test)} images; the data names no patients); no label is used"
         n_patients = len(set(self.test.patient_ids))
         return f"test split only ({len(self.test)} images of {n_patients} patients); no label is used"
 

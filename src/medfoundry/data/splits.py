@@ -73,7 +73,8 @@ def _duplicates_within(splits: Splits) -> list[str]:
     return problems
 
 
-def _has_patient_ids(images: ImageSet) -> bool:
+def has_patient_ids(images: ImageSet) -> bool:
+    """Whether the data names patients: where it does not, every image is its own patient (its sample id)."""
     return list(images.patient_ids) != list(images.ids)
 
 
@@ -87,7 +88,7 @@ def _shared_across(splits: Splits, files: dict[str, list[str]], separate_dataset
             ("image file(s)", files[first], files[second]),
         ]
         if separate_datasets:
-            real_patients = _has_patient_ids(a) and _has_patient_ids(b)
+            real_patients = has_patient_ids(a) and has_patient_ids(b)
             checks = checks[:1] * real_patients + checks[2:]
         for what, values_a, values_b in checks:
             shared = sorted(set(values_a) & set(values_b))
