@@ -58,6 +58,7 @@ from medfoundry.bench.kinds import TASK_KINDS, EngineContext, TaskKind
 from medfoundry.bench.task_parts import ConfiguredTask, KindScorer
 from medfoundry.errors import DataError, MedfoundryError
 from medfoundry.evaluate.cells import CellKey, CellOutput, CellStore
+from medfoundry.evaluate.compare import share_opposite
 from medfoundry.evaluate.metrics import MetricValue, percentile_interval, resample_weights
 from medfoundry.evaluate.subgroups import SubgroupSettings, check_subgroups, subgroup_entry
 from medfoundry.extras import require
@@ -895,12 +896,7 @@ class SurvivalKind(TaskKind[SurvivalTask]):
         ]
         point = value_a - value_b
         interval = percentile_interval(point, np.asarray(diffs), n_bootstrap, config.evaluate.confidence)
-        valid = np.asarray(diffs)[np.isfinite(diffs)]
-        share = (
-            float("nan")
-            if valid.size == 0
-            else float(np.mean(valid <= 0) if point > 0 else np.mean(valid >= 0) if point < 0 else 1.0)
-        )
+        share = share_opposite(point, np.asarray(diffs)[np.isfinite(diffs)])
         return {
             "task": task.name, "metric": HEADLINE, "label_fraction": fraction,
             "model_a": fit_a[0], "adapter_a": fit_a[1], "model_b": task.settings.baseline_name,

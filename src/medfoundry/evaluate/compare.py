@@ -103,10 +103,16 @@ def paired_difference(
         return PairedDifference(point, nan, nan, n_skipped, value_a, value_b, nan)
     alpha = 1.0 - confidence
     low, high = np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return PairedDifference(point, float(low), float(high), n_skipped, value_a, value_b, share_opposite(point, valid))
+
+
+def share_opposite(point: float, valid: np.ndarray) -> float:
+    """Share of the valid resampled differences that are zero or of the sign opposite to ``point`` (1 for a tie,
+    NaN when there are none)."""
+    if valid.size == 0:
+        return float("nan")
     if point > 0:
-        share = float(np.mean(valid <= 0))
-    elif point < 0:
-        share = float(np.mean(valid >= 0))
-    else:
-        share = 1.0
-    return PairedDifference(point, float(low), float(high), n_skipped, value_a, value_b, share)
+        return float(np.mean(valid <= 0))
+    if point < 0:
+        return float(np.mean(valid >= 0))
+    return 1.0
