@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe_study import in_memory, kermany_pool, summarise  # noqa: E402  (beside this script)
 
 RECIPE = ROOT / "configs" / "demo" / "breastmnist_simclr.yaml"
+# The network docs/pretraining.md's figures were measured with; the demo itself now trains a ResNet-18.
+MODEL = ["model.backbone=vit_tiny_28", "model.pool=token+avg"]
 CONTINUED, TARGET_ONLY, SOURCE_ONLY = "continued-pool-then-breastmnist", "breastmnist-only", "pool-only"
 
 
@@ -41,6 +43,7 @@ def pretrain_stage(
     from medfoundry.config import ExperimentConfig, load_config
 
     overrides = [
+        *MODEL,
         f"pretrain.max_steps={steps}",
         f"pretrain.threads={args.threads}",
         "pretrain.num_workers=0",
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     target_dir, stages[TARGET_ONLY] = pretrain_stage("target-only", args.out, target_images, args.target_steps, args)
 
-    model = load_config(ExperimentConfig, RECIPE, []).model
+    model = load_config(ExperimentConfig, RECIPE, MODEL).model
     suite = SuiteConfig(
         name="continued-pretraining",
         output_dir=args.out / "suite",

@@ -255,12 +255,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if teacher_dir is None:
         overrides = [
             f"model.backbone={args.teacher_backbone}",
+            "model.pool=token+avg",  # the recipe's network is a ResNet-18; the ViT teacher reads CLS + mean patch
             "pretrain.lr=0.0005",
             *budget_overrides(args.teacher_minutes, args),
         ]
         result, runs[TEACHER] = pretrain_run(TEACHER, "simclr_kermany_pool.yaml", overrides, images, args)
         teacher_dir = result.encoder_dir
-    student = [f"model.backbone={STUDENT_BACKBONE}", *budget_overrides(args.minutes, args)]
+    student = [f"model.backbone={STUDENT_BACKBONE}", "model.pool=token+avg", *budget_overrides(args.minutes, args)]
     distilled, runs[DISTILLED] = pretrain_run(
         DISTILLED,
         "distill.yaml",

@@ -3,7 +3,8 @@
 For each dataset x SSL recipe x budget it pre-trains through medfoundry's own API (a recipe from
 configs/pretrain/*.yaml plus dotted overrides, ``run_pretraining``), then evaluates through the one engine
 (``run_suite``): linear probe and kNN AUROC at 1%, 10% and 100% of the training labels (3 seeds), against the same
-ViT with its random initial weights, with the engine's paired bootstrap differences (results.json "comparisons").
+ViT with its random initial weights (a recipe with its own network, ``simclr-resnet18``: against that network's), with
+the engine's paired bootstrap differences (results.json "comparisons").
 One more cell (item 3) pre-trains SimCLR on the unlabelled Kermany pool (every patient of the 600-image subset
 removed) and probes the patient-split subset, against random init and a ResNet-18 trained from scratch.
 
@@ -45,9 +46,11 @@ BATCH = 64
 
 # Pre-training throughput on 2 CPU cores, images per second (bf16 autocast, batch 64), as measured by
 # benchmarks/ssl_methods.py (README, "SSL methods at an equal budget"): 28 px (BreastMNIST) and 64 px (Kermany).
+# SimCLR on a ResNet-18: its measured ratio to ViT SimCLR (``--calibrate``: 1.46x at 28 px, 1.21x on the Kermany
+# images and 1.23x on the pathology tiles at 64 px; 7 December 2026) times the ViT's figure.
 CPU_IMAGES_PER_SECOND = {
-    "28": {"simclr": 121, "mocov3": 101, "byol": 104, "dino": 61, "ibot": 56, "mae": 269},
-    "64": {"simclr": 81, "mocov3": 71, "byol": 67, "dino": 42, "ibot": 40, "mae": 199},
+    "28": {"simclr": 121, "mocov3": 101, "byol": 104, "dino": 61, "ibot": 56, "mae": 269, "simclr-resnet18": 177},
+    "64": {"simclr": 81, "mocov3": 71, "byol": 67, "dino": 42, "ibot": 40, "mae": 199, "simclr-resnet18": 98},
 }
 BUDGET_MINUTES = (5, 30)
 
@@ -69,6 +72,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "ibot-small-sk": ("ibot.yaml", [f"pretrain.ibot.{o}" for o in _SMALL_HEAD] + ["pretrain.lr=0.001"]),
     "dino": ("dino.yaml", []),
     "ibot": ("ibot.yaml", []),
+    # The same SimCLR on a ResNet-18 (timm, random weights, global average pool): a convolutional network's
+    # locality prior against the ViT's, at the same wall-clock budget. Its random-init baseline is its own.
+    "simclr-resnet18": ("simclr.yaml", ["model.backbone=resnet18", "model.pool=default"]),
 }
 # Teacher-temperature warm-up as a share of the run (the recipes count it in epochs).
 TEACHER_WARMUP_SHARE = 0.3
@@ -80,6 +86,17 @@ BASELINE = "random-init"
 
 def method_of(recipe: str) -> str:
     return recipe.split("-")[0]
+
+
+def backbone_of(recipe: str) -> str | None:
+    """The backbone a recipe sets for itself (None: the dataset's ViT, whose random init the baseline cell holds)."""
+    overrides = RECIPES.get(recipe, ("", []))[1]
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("model.backbone=")), None)
+
+
+def throughput_key(recipe: str) -> str:
+    """The CPU_IMAGES_PER_SECOND entry of a recipe: its own where its network differs, else its method's."""
+    return recipe if backbone_of(recipe) else method_of(recipe)
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
@@ -129,7 +146,7 @@ def dataset_specs(data_root: Path) -> dict[str, dict[str, Any]]:
 
 
 def budget_steps(px: str, recipe: str, minutes: float) -> int:
-    return max(1, round(minutes * 60 * CPU_IMAGES_PER_SECOND[px][method_of(recipe)] / BATCH))
+    return max(1, round(minutes * 60 * CPU_IMAGES_PER_SECOND[px][throughput_key(recipe)] / BATCH))
 
 
 def plan_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -143,8 +160,9 @@ def plan_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     specs = dataset_specs(args.data_root)
     for minutes in args.budgets:
         for dataset in args.datasets:
-            if minutes == args.budgets[0]:
-                # Random init once per dataset: the recipe cells copy its embeddings and cells (reused by the engine).
+            if minutes == args.budgets[0] and any(backbone_of(r) is None for r in args.recipes):
+                # Random init of the ViT once per dataset: the ViT recipe cells copy its embeddings and cells (reused
+                # by the engine). A recipe with its own network evaluates its own random init in its cell.
                 cells.append({"dataset": dataset, "recipe": BASELINE, "minutes": 0, "steps": 0})
             for recipe in args.recipes:
                 steps = args.tiny_steps if args.tiny else budget_steps(specs[dataset]["px"], recipe, minutes)
@@ -267,7 +285,8 @@ def run_cell(cell: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         pretrain_seconds = time.perf_counter() - t0
         if not result.finished:
             raise RuntimeError(f"pre-training stopped at step {result.steps} of {result.total_steps}")
-        if baseline_dir is not None and (baseline_dir / "DONE").is_file():
+        own_network = backbone_of(cell["recipe"]) is not None  # then the ViT baseline is not its random init
+        if baseline_dir is not None and (baseline_dir / "DONE").is_file() and not own_network:
             try:
                 copy_baseline(baseline_dir, out_dir)
             except OSError as error:  # then the engine computes the random-init cells itself
@@ -447,7 +466,7 @@ class Scheduler:
     def estimate(self, cell: dict[str, Any]) -> float:
         if cell["recipe"] == BASELINE:
             return 10 + self.eval_seconds.get(cell["dataset"], 30.0)
-        method = method_of(cell["recipe"])
+        method = throughput_key(cell["recipe"])
         per_step = self.sec_per_step.get(method, max(self.sec_per_step.values(), default=self.args.guess_sec_per_step))
         per_step *= 2.0 if cell["dataset"] != "breastmnist" else 1.0
         evaluation = self.eval_seconds.get(cell["dataset"], 30.0 if cell["dataset"] != "kermany-pool" else 60.0)
@@ -536,7 +555,7 @@ class Scheduler:
                     result = json.loads(result_path.read_text())
                     result["status"] = "done"
                     self.results.append(result)
-                    method = method_of(cell["recipe"])
+                    method = throughput_key(cell["recipe"])
                     if cell["recipe"] == BASELINE:
                         method = "_baseline"
                     scale = 1.0 if cell["dataset"] == "breastmnist" else 2.0
@@ -602,9 +621,10 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{fmt(stats.get('0.01'))} | {fmt(stats.get('0.1'))} | {fmt(stats.get('1.0'))} | {' / '.join(diffs)} |"
             )
             baseline = summary.get("random-init", {}).get(adapter, {})
-            random_rows.setdefault(f"{data}/{adapter}", [
-                f"| {data} | 0 | random-init | 0 | {adapter} | {fmt(baseline.get('0.01'))} | "
-                f"{fmt(baseline.get('0.1'))} | {fmt(baseline.get('1.0'))} | |"
+            network = backbone_of(name)
+            random_rows.setdefault(f"{data}/{adapter}" + (f"/{network}" if network else ""), [
+                f"| {data} | 0 | random-init{f' ({network})' if network else ''} | 0 | {adapter} | "
+                f"{fmt(baseline.get('0.01'))} | {fmt(baseline.get('0.1'))} | {fmt(baseline.get('1.0'))} | |"
             ])  # fmt: skip
         for model in summary:
             if model.endswith("-scratch"):
@@ -635,6 +655,50 @@ def table(results: list[dict[str, Any]]) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------------- calibration
+def calibrate(args: argparse.Namespace, steps: int = 60, repeats: int = 2) -> None:
+    """Images/s of each recipe against SimCLR on the ViT, interleaved in one run on each dataset's images.
+
+    A recipe's step budget needs its CPU throughput; absolute images/s move with the machine's load, so the ratio to
+    the calibrated ViT SimCLR (measured here, beside it) is what carries over: calibrated = ratio x that figure.
+    """
+    import statistics
+
+    import torch
+
+    from medfoundry.bench.engine import load_task
+    from medfoundry.bench.run import run_pretraining, unlabeled
+    from medfoundry.config import ExperimentConfig, TaskConfig, load_config
+
+    torch.set_num_threads(args.threads)
+    specs = dataset_specs(args.data_root)
+    for dataset in args.datasets:
+        spec = specs[dataset]
+        images = in_memory(unlabeled(load_task(TaskConfig.model_validate(spec["task"])).train), args.threads)
+        measured: dict[str, list[float]] = {}
+        for repeat in range(repeats):
+            for recipe in dict.fromkeys(["simclr", *args.recipes]):
+                recipe_file, recipe_overrides = RECIPES[recipe]
+                out = args.out / "calibration" / f"{dataset}__{recipe}__{repeat}"
+                cell = {"recipe": recipe, "steps": steps}
+                overrides = [*spec["overrides"], *recipe_overrides,
+                             *step_overrides(ROOT / "configs/pretrain" / recipe_file, cell, spec, args),
+                             "pretrain.monitor_every_steps=1000000"]  # fmt: skip
+                config = load_config(ExperimentConfig, ROOT / "configs/pretrain" / recipe_file, overrides)
+                config.output_dir = out
+                result = run_pretraining(config, images, resume=False, show_progress=False)
+                measured.setdefault(recipe, []).append(result.images_per_second)
+        reference = statistics.median(measured["simclr"])
+        calibrated = CPU_IMAGES_PER_SECOND[spec["px"]]["simclr"]
+        for recipe, values in measured.items():
+            ratio = statistics.median(values) / reference
+            print(
+                f"{dataset} ({spec['px']} px) {recipe}: {statistics.median(values):.1f} img/s here, "
+                f"{ratio:.2f}x ViT SimCLR -> {ratio * calibrated:.0f} img/s at the calibrated {calibrated}",
+                flush=True,
+            )
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -655,6 +719,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guess-sec-per-step", type=float, default=0.03, help="step time assumed before one is measured")
     p.add_argument("--tiny-steps", type=int, default=3)
     p.add_argument("--tiny-pool", type=int, default=128)
+    p.add_argument("--calibrate", action="store_true", help="measure each recipe's images/s against ViT SimCLR")
     p.add_argument("--run-cell", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -693,6 +758,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--device cuda but no CUDA device is visible")
     args.out.mkdir(parents=True, exist_ok=True)
     args.out = args.out.resolve()
+    if args.calibrate:
+        calibrate(args)
+        return
     cells = plan_cells(args)
     scheduler = Scheduler(cells, args)
     scheduler.log(
