@@ -679,13 +679,12 @@ def calibrate(args: argparse.Namespace, steps: int = 60, repeats: int = 2) -> No
         for repeat in range(repeats):
             for recipe in dict.fromkeys(["simclr", *args.recipes]):
                 recipe_file, recipe_overrides = RECIPES[recipe]
-                out = args.out / "calibration" / f"{dataset}__{recipe}__{repeat}"
+                recipe_path = ROOT / "configs" / "pretrain" / recipe_file
                 cell = {"recipe": recipe, "steps": steps}
-                overrides = [*spec["overrides"], *recipe_overrides,
-                             *step_overrides(ROOT / "configs/pretrain" / recipe_file, cell, spec, args),
+                overrides = [*spec["overrides"], *recipe_overrides, *step_overrides(recipe_path, cell, spec, args),
                              "pretrain.monitor_every_steps=1000000"]  # fmt: skip
-                config = load_config(ExperimentConfig, ROOT / "configs/pretrain" / recipe_file, overrides)
-                config.output_dir = out
+                config = load_config(ExperimentConfig, recipe_path, overrides)
+                config.output_dir = args.out / "calibration" / f"{dataset}__{recipe}__{repeat}"
                 result = run_pretraining(config, images, resume=False, show_progress=False)
                 measured.setdefault(recipe, []).append(result.images_per_second)
         reference = statistics.median(measured["simclr"])
