@@ -501,3 +501,40 @@ def test_report_header_states_how_splits_were_grouped_and_warns_of_a_thin_test_s
     html = render_report(results, tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<dt>Splits</dt><dd>" + grouping in html
     assert "<dt>⚠ Warning</dt><dd>" + warning in html
+
+
+def test_health_section_shows_the_thresholds_and_the_monitors_verdict(tmp_path: Path) -> None:
+    import torch
+
+    from medfoundry.ssl.monitor import HEALTH_THRESHOLDS, CollapseMonitor
+
+    features = torch.randn(128, 192, generator=torch.Generator().manual_seed(0))
+    monitor = CollapseMonitor()
+    for step in range(0, 480, 10):  # prototype use under 10% at all but the last reading
+        use = 0.102 if step == 470 else 0.06
+        monitor.update(step, features, {"teacher_entropy": 0.4, "prototype_use": use}, loss=5.0)
+    results = _make_results()
+    results.metadata["pretrain"] = {
+        "method": "dino",
+        "steps": 480,
+        "collapsed": monitor.collapsed,
+        "verdict": monitor.verdict(),
+        "monitor": monitor.history,
+        "warnings": monitor.warnings,
+        "thresholds": HEALTH_THRESHOLDS,
+    }
+    path = tmp_path / "results.json"
+    write_results(path, results)  # the thresholds go through JSON as the monitor writes them
+    html = render_report(path, tmp_path / "report.html").read_text(encoding="utf-8")
+    section = html[html.index("<h2>Pre-training health</h2>") :]
+    assert "Collapse suspected at the end of the run" in section
+    assert "prototype use 6.0% &lt; 10% at its latest failure, and failing in 11 of the last 12 readings" in section
+    assert "Trouble thresholds: feature_std &lt; 0.05, effective_rank &lt; 2.0, teacher_entropy &gt; 0.9" in section
+    # Every reading inside its threshold: no verdict, and the section says so.
+    healthy = CollapseMonitor()
+    healthy.update(10, features, {"teacher_entropy": 0.4, "prototype_use": 0.5}, loss=5.0)
+    results.metadata["pretrain"].update(
+        collapsed=healthy.collapsed, verdict=healthy.verdict(), monitor=healthy.history, warnings=healthy.warnings
+    )
+    html = render_report(results, tmp_path / "healthy.html").read_text(encoding="utf-8")
+    assert "Collapse suspected" not in html and "every reading inside its threshold" in html

@@ -334,6 +334,38 @@ def test_health_warning_fires_on_a_uniform_teacher() -> None:
     assert [w["check"] for w in few.warnings] == ["prototype_use"]
 
 
+def test_a_check_failing_in_most_recent_readings_is_collapse_even_without_a_streak() -> None:
+    features = torch.randn(128, 192, generator=torch.Generator().manual_seed(0))
+    low, ok = {"teacher_entropy": 0.4, "prototype_use": 0.06}, {"teacher_entropy": 0.4, "prototype_use": 0.102}
+    # The pathology centring run: prototype use under 10% at 45 of 48 readings, 10.2% at the last one.
+    hovering = CollapseMonitor()
+    for step in range(48):
+        hovering.update(step, features, ok if step in (20, 40, 47) else low)
+    assert hovering.bad_readings == 0 and hovering.collapsed
+    assert hovering.verdict() == [
+        "prototype use 6.0% < 10% at its latest failure, and failing in 10 of the last 12 readings"
+    ]
+    assert "in 10 of the last 12 readings" in hovering.message()
+    # Fail twice, pass once, all run long: never a streak of 3, yet two thirds of the readings fail.
+    flapping = CollapseMonitor()
+    for step in range(30):
+        flapping.update(step, features, ok if step % 3 == 2 else low)
+    assert flapping.bad_readings < 3 and flapping.collapsed
+    said = [(w["step"], w["message"].split(", ")[-1]) for w in flapping.warnings]
+    assert said == [(12, "in 3 of the last 4 readings")], "one warning, not one per flap"
+    # A run that warned mid-way and recovered for the last quarter ends healthy, its warning kept.
+    recovered = CollapseMonitor()
+    for step in range(40):
+        recovered.update(step, features, low if 10 <= step < 14 else ok)
+    assert not recovered.collapsed and not recovered.verdict()
+    assert [w["step"] for w in recovered.warnings] == [12]
+    # A resumed run rebuilds the same verdict from its history without warning again.
+    resumed = CollapseMonitor()
+    resumed.restore(hovering.history, hovering.warnings)
+    assert resumed.collapsed and resumed.verdict() == hovering.verdict()
+    assert resumed.warnings == hovering.warnings
+
+
 def test_knn_monitor_reads_during_pretraining(small_images, breastmnist_npz: Path, tmp_path: Path) -> None:
     separable = knn_predict(
         torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]),

@@ -182,6 +182,7 @@ def pretrain_summary(config: ExperimentConfig, result: PretrainResult) -> dict[s
         "steps": result.steps,
         "images_per_second": round(result.images_per_second, 1),
         "collapsed": result.collapsed,
+        "verdict": result.verdict,
         "budget": result.budget,
         "init_from": result.init_from,
         "monitor": result.monitor,

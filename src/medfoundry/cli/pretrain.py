@@ -7,6 +7,7 @@ import os
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from medfoundry.cli.common import (
     ConfigArg,
@@ -94,8 +95,9 @@ def pretrain(
     )
     for warning in result.warnings:
         console.print(f"[yellow]warning: {warning['message']}[/] (docs/pretraining-health.md)")
-    if result.collapsed and not result.warnings:
-        console.print("[yellow]warning: the collapse monitor fired; see log.jsonl[/]")
+    if result.collapsed:
+        verdict = "; ".join(result.verdict) or "see log.jsonl"
+        console.print(f"[yellow]collapse suspected at the end of the run: {escape(verdict)}[/]")
 
 
 def register(root: typer.Typer) -> None:

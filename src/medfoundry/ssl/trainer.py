@@ -98,7 +98,9 @@ class PretrainResult:
     estimated). ``monitor`` holds every health reading (step, loss, feature_std, effective_rank, for DINO/iBOT
     teacher_entropy, prototypes_used and prototype_use, knn_accuracy and knn_balanced_accuracy with a kNN monitor
     set, and the warnings raised at that reading); ``warnings`` the health warnings raised over the whole run
-    (step, check, message); ``init_from`` the file name of the encoder it continued from.
+    (step, check, message); ``collapsed`` the monitor's verdict at the end (a check failing ``patience`` readings in
+    a row, or in most recent readings) and ``verdict`` its reasons, one line per check; ``init_from`` the file name
+    of the encoder it continued from.
     """
 
     output_dir: Path
@@ -114,6 +116,7 @@ class PretrainResult:
     time_up: bool = False
     budget: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
+    verdict: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -491,6 +494,7 @@ def pretrain(
         time_up=time_up,
         budget=budget.budget,
         init_from=started_from,
+        verdict=monitor.verdict(),
     )
     if result.finished and env.is_main:
         exported = method.export_encoder().cpu()
@@ -549,6 +553,7 @@ def _write_summary(
             "seconds_this_run": seconds,
             "images_per_second": result.images_per_second,
             "collapsed": result.collapsed,
+            "verdict": result.verdict,
             "resumed_from_step": start_step,
             "time_up": result.time_up,
             "budget": result.budget,

@@ -18,10 +18,7 @@ def pretraining_health(ctx: ReportContext) -> Markup:
     if not isinstance(pretrain, dict):
         return Markup()
     history = [h for h in pretrain.get("monitor") or [] if isinstance(h, dict)]
-    raw = pretrain.get("thresholds") or {}
-    thresholds: dict[str, tuple[str, float]] = {
-        key: (str(value[0]), float(value[1])) for key, value in raw.items() if isinstance(value, list | tuple)
-    }
+    thresholds = _thresholds(pretrain.get("thresholds"))
     warnings: list[dict[str, Any]] = [w for w in pretrain.get("warnings") or [] if isinstance(w, dict)]
     figure = plot_health(history, thresholds) if history else None
     return render(
@@ -30,4 +27,16 @@ def pretraining_health(ctx: ReportContext) -> Markup:
         figure=figure,
         warnings=warnings,
         thresholds=thresholds,
+        verdict=[str(line) for line in pretrain.get("verdict") or []],
     )
+
+
+def _thresholds(raw: Any) -> dict[str, tuple[str, float]]:
+    """ssl.monitor.HEALTH_THRESHOLDS as results.json holds it ({field: {"min" or "max": value, "meaning": ...}}),
+    as (side, value) per field."""
+    thresholds: dict[str, tuple[str, float]] = {}
+    for key, bounds in (raw or {}).items() if isinstance(raw, dict) else ():
+        for side in ("min", "max"):
+            if isinstance(bounds, dict) and isinstance(bounds.get(side), int | float):
+                thresholds[str(key)] = (side, float(bounds[side]))
+    return thresholds
