@@ -34,9 +34,12 @@ def pretraining_health(ctx: ReportContext) -> Markup:
 def _thresholds(raw: Any) -> dict[str, tuple[str, float]]:
     """ssl.monitor.HEALTH_THRESHOLDS as results.json holds it ({field: {"min" or "max": value, "meaning": ...}}),
     as (side, value) per field."""
-    thresholds: dict[str, tuple[str, float]] = {}
-    for key, bounds in (raw or {}).items() if isinstance(raw, dict) else ():
-        for side in ("min", "max"):
-            if isinstance(bounds, dict) and isinstance(bounds.get(side), int | float):
-                thresholds[str(key)] = (side, float(bounds[side]))
-    return thresholds
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(key): (side, float(bounds[side]))
+        for key, bounds in raw.items()
+        if isinstance(bounds, dict)
+        for side in ("min", "max")
+        if isinstance(bounds.get(side), int | float)
+    }
